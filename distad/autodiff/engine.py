@@ -249,7 +249,11 @@ def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
 def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
     """Run `prim` on the values of `args` and record the result if a gradient is needed."""
     datas = [a.data if isinstance(a, Tensor) else a for a in args]
-    y = prim.fwd(*datas, **kw)
+    try:
+        y = prim.fwd(*datas, **kw)
+    except (ValueError, IndexError, TypeError) as e:
+        shapes = ", ".join(str(np.shape(d)) for d in datas)
+        raise type(e)(f"{prim.name}: invalid inputs of shapes {shapes}: {e}") from None
     out = Tensor.__new__(Tensor)
     out.data = y
     out.grad = out._hooks = out._tangent = out._origin = out._kw = out._inputs = out._prim = None
@@ -425,6 +429,10 @@ def _accumulate_leaf(leaf: Tensor, g: Any) -> None:
         g = g.data if not g.requires_grad else g
     if not isinstance(g, (np.ndarray, Tensor)):
         g = np.asarray(g)
+    if isinstance(g, np.ndarray):
+        # Gradient arrays may be shared between leaves (the rule of a + b hands the same g to
+        # both), so they are read-only: replace .grad, never update it in place.
+        g.flags.writeable = False
     if g.shape != leaf.shape:  # a rule bug would otherwise corrupt .grad silently
         raise RuntimeError(f"backward: gradient of shape {g.shape} for a leaf of shape "
                            f"{leaf.shape}")

@@ -1,0 +1,200 @@
+"""Functional transforms, forward mode, higher order, checkpointing, custom rules, anomalies."""
+
+import numpy as np
+import pytest
+
+import distad as ad
+
+rng = np.random.default_rng(1)
+
+
+def rosenbrock(x):
+    return (100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2).sum()
+
+
+def rosenbrock_hessian(x):
+    """Closed form of the Rosenbrock Hessian."""
+    n = x.size
+    H = np.zeros((n, n))
+    for i in range(n - 1):
+        H[i, i] += 1200 * x[i] ** 2 - 400 * x[i + 1] + 2
+        H[i, i + 1] -= 400 * x[i]
+        H[i + 1, i] -= 400 * x[i]
+        H[i + 1, i + 1] += 200
+    return H
+
+
+def mlp_loss(w1, w2, x, y):
+    h = ad.tanh(x @ w1)
+    return ((h @ w2 - y) ** 2).mean()
+
+
+def test_grad_returns_numpy_with_the_argument_shape_and_dtype():
+    x = rng.standard_normal((3, 2)).astype(np.float32)
+    g = ad.grad(lambda x: (x ** 2).sum())(x)
+    assert isinstance(g, np.ndarray) and g.dtype == np.float32
+    np.testing.assert_allclose(g, 2 * x)
+
+
+def test_value_and_grad_with_argnums_tuple_and_pytrees():
+    params = {"w": rng.standard_normal(3), "b": np.array(0.5)}
+    x = rng.standard_normal((4, 3))
+
+    def f(p, x):
+        return ((x @ p["w"] + p["b"]) ** 2).sum()
+
+    v, (gp, gx) = ad.value_and_grad(f, argnums=(0, 1))(params, x)
+    r = x @ params["w"] + 0.5
+    assert v == pytest.approx((r ** 2).sum())
+    np.testing.assert_allclose(gp["w"], 2 * x.T @ r)
+    np.testing.assert_allclose(gp["b"], 2 * r.sum())
+    np.testing.assert_allclose(gx, 2 * np.outer(r, params["w"]))
+
+
+def test_grad_of_a_non_scalar_function_says_so():
+    with pytest.raises(ValueError, match=r"scalar, got shape \(3,\)"):
+        ad.grad(lambda x: x * 2)(np.ones(3))
+
+
+def test_vjp_function_can_be_called_repeatedly():
+    x = rng.standard_normal(4)
+    out, vjp_fn = ad.vjp(lambda x: ad.sin(x) * 2, x)
+    for _ in range(2):
+        (g,) = vjp_fn(np.ones(4))
+        np.testing.assert_allclose(g, 2 * np.cos(x))
+
+
+def test_jvp_matches_closed_form():
+    x, v = rng.standard_normal(5), rng.standard_normal(5)
+    out, t = ad.jvp(lambda x: ad.exp(ad.sin(x)), (x,), (v,))
+    np.testing.assert_allclose(t, np.exp(np.sin(x)) * np.cos(x) * v)
+
+
+@pytest.mark.parametrize("mode", ["rev", "fwd"])
+def test_jacobian_matches_finite_differences(mode):
+    A = rng.standard_normal((3, 4))
+
+    def f(x):
+        return ad.tanh(A @ x) * x[:3]
+
+    x = rng.standard_normal(4)
+    J = ad.jacobian(f, mode=mode)(x)
+    eps, fd = 1e-6, np.zeros((3, 4))
+    for j in range(4):
+        e = np.zeros(4)
+        e[j] = eps
+        fd[:, j] = (np.tanh(A @ (x + e)) * (x + e)[:3]
+                    - np.tanh(A @ (x - e)) * (x - e)[:3]) / 2 / eps
+    np.testing.assert_allclose(J, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_jacobian_modes_agree_on_matrix_input():
+    W = rng.standard_normal((2, 3))
+    f = lambda W: ad.softmax(W @ np.arange(3.0))
+    np.testing.assert_allclose(ad.jacobian(f, mode="rev")(W), ad.jacobian(f, mode="fwd")(W),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_of_rosenbrock_matches_closed_form():
+    x = np.array([1.2, -0.7, 0.3, 2.0])
+    np.testing.assert_allclose(ad.hessian(rosenbrock)(x), rosenbrock_hessian(x), rtol=1e-10)
+
+
+def test_hvp_matches_hessian_times_vector():
+    x, v = rng.standard_normal(5), rng.standard_normal(5)
+    (hv,) = ad.hvp(rosenbrock, (x,), (v,))
+    np.testing.assert_allclose(hv, rosenbrock_hessian(x) @ v, rtol=1e-10)
+
+
+def test_mlp_loss_hessian_matches_finite_differences_of_gradients():
+    w1, w2 = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    x, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    H = ad.hessian(lambda w1: mlp_loss(w1, w2, x, y))(w1).reshape(12, 12)
+    g = ad.grad(mlp_loss)
+    eps, fd = 1e-6, np.zeros((12, 12))
+    for j in range(12):
+        e = np.zeros(12)
+        e[j] = eps
+        fd[:, j] = ((g(w1 + e.reshape(3, 4), w2, x, y) - g(w1 - e.reshape(3, 4), w2, x, y))
+                    .ravel() / (2 * eps))
+    np.testing.assert_allclose(H, fd, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(H, H.T, atol=1e-12)
+
+
+def test_third_derivative_matches_closed_form():
+    f = lambda x: ad.sin(x) * x ** 3
+    # d3/dx3 [x^3 sin x] = 6 sin x + 18 x cos x - 9 x^2 sin x - x^3 cos x
+    x = 0.9
+    expected = 6 * np.sin(x) + 18 * x * np.cos(x) - 9 * x ** 2 * np.sin(x) - x ** 3 * np.cos(x)
+    assert float(ad.grad(ad.grad(ad.grad(f)))(x)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_inner_grad_closing_over_an_outer_variable_stays_differentiable():
+    # d/dx [ d/dy (x*y^2) at y=3 ] = d/dx [6x] = 6
+    outer = ad.grad(lambda x: ad.grad(lambda y: x * y ** 2)(3.0))
+    assert float(outer(2.0)) == pytest.approx(6.0)
+
+
+def test_backward_create_graph_gives_a_differentiable_gradient():
+    x = ad.tensor(np.array([0.5, 1.5]), requires_grad=True)
+    (g,) = ad.backprop((x ** 3).sum(), inputs=[x], create_graph=True)
+    g.sum().backward()
+    np.testing.assert_allclose(x.grad, 6 * x.data)
+
+
+def test_checkpointed_and_plain_gradients_are_identical():
+    ws = [ad.tensor(rng.standard_normal((6, 6)).astype(np.float32) * 0.5, requires_grad=True)
+          for _ in range(4)]
+    layers = [lambda h, w=w: ad.tanh(h @ w) for w in ws]
+    x = ad.tensor(rng.standard_normal((3, 6)).astype(np.float32), requires_grad=True)
+
+    def run(checkpointed):
+        for t in [*ws, x]:
+            t.grad = None
+        out = ad.checkpoint_sequential(layers, 2, x) if checkpointed else x
+        if not checkpointed:
+            for f in layers:
+                out = f(out)
+        (out ** 2).sum().backward()
+        return [t.grad.copy() for t in [*ws, x]]
+
+    for a, b in zip(run(False), run(True)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_keeps_only_its_inputs():
+    w = ad.tensor(np.ones((4, 4), np.float32), requires_grad=True)
+    x = ad.tensor(np.ones((2, 4), np.float32))
+    y = ad.checkpoint(lambda h: ad.tanh(ad.tanh(h @ w) @ w))(x)
+    assert y._prim.name == "checkpoint"
+    assert [a for a in y._inputs if isinstance(a, ad.Tensor) and a.size] == [x]
+
+
+def test_a_deliberately_wrong_custom_rule_is_caught_by_gradcheck():
+    wrong = ad.custom_vjp(np.sin, lambda g, y, x: (g * np.sin(x),), name="bad_sin")
+    right = ad.custom_vjp(np.sin, lambda g, y, x: (g * np.cos(x),), name="good_sin")
+    x = rng.standard_normal(3)
+    assert ad.gradcheck(lambda x: right(x).sum(), x)
+    with pytest.raises(ad.GradcheckError, match="argument 0.*autodiff.*finite differences"):
+        ad.gradcheck(lambda x: wrong(x).sum(), x)
+
+
+def test_custom_jvp_enables_forward_mode():
+    cube = ad.custom_jvp(lambda x: x ** 3, lambda ts, y, x: 3 * x ** 2 * ts[0])
+    _, t = ad.jvp(lambda x: cube(x), (np.array([2.0]),), (np.array([1.0]),))
+    np.testing.assert_allclose(t, [12.0])
+
+
+def test_anomaly_mode_names_the_op_that_made_a_nan():
+    x = ad.tensor(np.array([-1.0, 4.0]), requires_grad=True)
+    with np.errstate(invalid="ignore"), ad.detect_anomaly(), \
+            pytest.raises(FloatingPointError, match=r"'sqrt'.*test_autodiff"):
+        ad.sqrt(x).sum()
+
+
+def test_anomaly_mode_names_the_op_whose_backward_made_an_inf():
+    x = ad.tensor(np.array([0.0, 4.0]), requires_grad=True)
+    with np.errstate(divide="ignore"), ad.detect_anomaly():
+        y = ad.sqrt(x).sum()          # finite forward, infinite derivative at 0
+        with pytest.raises(FloatingPointError, match="backward of 'sqrt'"):
+            y.backward()
