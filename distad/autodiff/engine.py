@@ -160,7 +160,7 @@ class Tensor:
     boolean Tensors.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_prim", "_inputs", "_kw", "_hooks",
+    __slots__ = ("data", "grad", "requires_grad", "_prim", "_inputs", "_vals", "_kw", "_edges", "_hooks",
                  "_tangent", "_origin", "__weakref__")
     __array_priority__ = 1000  # ndarray <op> Tensor defers to Tensor's reflected operator
 
@@ -170,7 +170,9 @@ class Tensor:
         self.requires_grad = requires_grad
         self._prim = None
         self._inputs = None
+        self._vals = None
         self._kw = None
+        self._edges = None
         self._hooks = None
         self._tangent = None
         self._origin = None
@@ -250,22 +252,33 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
     """Run `prim` on the values of `args` and record the result if a gradient is needed."""
     datas = [a.data if isinstance(a, Tensor) else a for a in args]
     try:
-        y = prim.fwd(*datas, **kw)
+        y = prim.fwd(*datas, **kw) if kw else prim.fwd(*datas)
     except (ValueError, IndexError, TypeError) as e:
         shapes = ", ".join(str(np.shape(d)) for d in datas)
         raise type(e)(f"{prim.name}: invalid inputs of shapes {shapes}: {e}") from None
     out = Tensor.__new__(Tensor)
     out.data = y
-    out.grad = out._hooks = out._tangent = out._origin = out._kw = out._inputs = out._prim = None
-    out.requires_grad = False
+    out.grad = out._hooks = out._tangent = out._origin = None
+    edges = None
     if STATE.grad_enabled:
-        for a in args:
+        # The differentiable edges (input index, input), found once here so that neither
+        # backward pass has to inspect the inputs again.
+        for i, a in enumerate(args):
             if isinstance(a, Tensor) and a.requires_grad:
-                out.requires_grad = True
-                out._prim = prim
-                out._inputs = args
-                out._kw = kw
-                break
+                if edges is None:
+                    edges = [(i, a)]
+                else:
+                    edges.append((i, a))
+    if edges is None:
+        out.requires_grad = False
+        out._prim = out._inputs = out._vals = out._kw = out._edges = None
+    else:
+        out.requires_grad = True
+        out._prim = prim
+        out._inputs = args
+        out._vals = datas  # the input values, so backward need not gather them again
+        out._kw = kw
+        out._edges = edges
     if STATE.forward_active:
         _push_tangent(prim, args, datas, kw, out)
     if STATE.anomaly:
@@ -314,22 +327,21 @@ def _graph(root: Tensor, stop: set | None) -> dict:
     stack = [root]
     while stack:
         v = stack.pop()
-        if v._prim is None or (stop is not None and v in stop):
+        edges = v._edges
+        if edges is None or (stop is not None and v in stop):
             continue
-        inputs = v._inputs
-        if inputs is _FREED:
+        if edges is _FREED:
             raise RuntimeError(
                 f"backward through a freed graph: the tape of '{v._prim.name}' was released by "
                 "an earlier backward; pass retain_graph=True to the first backward() if you "
                 "need to differentiate twice")
-        for a in inputs:
-            if isinstance(a, Tensor) and a.requires_grad:
-                n = pending.get(a)
-                if n is None:
-                    pending[a] = 1
-                    stack.append(a)
-                else:
-                    pending[a] = n + 1
+        for _, a in edges:
+            n = pending.get(a)
+            if n is None:
+                pending[a] = 1
+                stack.append(a)
+            else:
+                pending[a] = n + 1
     return pending
 
 
@@ -399,13 +411,11 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
             if create_graph:
                 y, vals = v, args
             else:
-                y = v.data
-                vals = [a.data if isinstance(a, Tensor) else a for a in args]
+                y, vals = v.data, v._vals
             kw = v._kw
-            for i, a in enumerate(args):
-                if not (isinstance(a, Tensor) and a.requires_grad):
-                    continue
-                gi = prim.vjp[i](g, y, *vals, **kw)
+            vjps = prim.vjp
+            for i, a in v._edges:
+                gi = vjps[i](g, y, *vals, **kw) if kw else vjps[i](g, y, *vals)
                 if anomaly:
                     _check_backward(prim, v, gi)
                 prev = grads.get(a)
@@ -415,8 +425,8 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
                 if left == 0:
                     ready.append(a)
             if not retain_graph and not create_graph:
-                v._inputs = _FREED
-                v._kw = None
+                v._edges = _FREED
+                v._inputs = v._vals = v._kw = None
     finally:
         STATE.grad_enabled = prev_enabled
     if inputs is None:

@@ -322,11 +322,15 @@ def transpose(x, axes=None):
 
 
 def broadcast_to(x, shape):
+    if x.shape == shape:  # the common case in rules: nothing to do, nothing to record
+        return x
     return broadcast_to_p(x, shape=tuple(shape))
 
 
 def sum_to(x, shape):
     """Sum x down to `shape`, undoing numpy broadcasting (the VJP of broadcast_to)."""
+    if x.shape == shape:
+        return x
     return sum_to_p(x, shape=tuple(shape))
 
 
