@@ -421,9 +421,11 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
                 prev = grads.get(a)
                 grads[a] = gi if prev is None else prev + gi
                 left = pending[a] - 1
-                pending[a] = left
                 if left == 0:
+                    del pending[a]  # nothing else holds the vertex: its activation can go
                     ready.append(a)
+                else:
+                    pending[a] = left
             if not retain_graph and not create_graph:
                 v._edges = _FREED
                 v._inputs = v._vals = v._kw = None
