@@ -10,6 +10,7 @@ from .engine import (
     enable_grad,
     is_grad_enabled,
     no_grad,
+    queue_callback,
     tensor,
 )
 from .gradcheck import GradcheckError, gradcheck
@@ -48,7 +49,8 @@ from .transforms import grad, hessian, hvp, jacobian, jvp, value_and_grad, vjp
 
 __all__ = [
     "Primitive", "Tensor", "backprop", "detect_anomaly", "enable_grad", "is_grad_enabled",
-    "no_grad", "tensor", "checkpoint", "checkpoint_sequential", "custom_jvp", "custom_vjp",
+    "no_grad", "queue_callback", "tensor", "checkpoint", "checkpoint_sequential", "custom_jvp",
+    "custom_vjp",
     "GradcheckError", "gradcheck",
     "grad", "hessian", "hvp", "jacobian", "jvp", "value_and_grad", "vjp",
     "abs", "broadcast_to", "cast", "clip", "concatenate", "cos", "exp", "log", "log_softmax",

@@ -33,18 +33,21 @@ __all__ = [
     "is_grad_enabled",
     "backprop",
     "detect_anomaly",
+    "queue_callback",
 ]
 
 
 class _State:
     """Process-wide switches read on every op; attributes, not globals, so reads are cheap."""
 
-    __slots__ = ("grad_enabled", "forward_active", "anomaly")
+    __slots__ = ("grad_enabled", "forward_active", "anomaly", "backward_depth", "callbacks")
 
     def __init__(self) -> None:
         self.grad_enabled = True
         self.forward_active = 0  # number of live forward-mode (jvp) traces
         self.anomaly = False
+        self.backward_depth = 0  # nested walks (checkpoint recomputation) run inside another
+        self.callbacks: list[Callable[[], None]] = []
 
 
 STATE = _State()
@@ -78,6 +81,17 @@ class enable_grad(no_grad):
 
 def is_grad_enabled() -> bool:
     return STATE.grad_enabled
+
+
+def queue_callback(fn: Callable[[], None]) -> None:
+    """Run fn once the backward walk in progress has finished (outermost walk only).
+
+    Gradient hooks use this to finish work that spans the whole backward pass,
+    e.g. waiting for the last gradient buckets to be reduced across ranks.
+    """
+    if STATE.backward_depth == 0:
+        raise RuntimeError("queue_callback: no backward pass is running")
+    STATE.callbacks.append(fn)
 
 
 class detect_anomaly:
@@ -160,8 +174,8 @@ class Tensor:
     boolean Tensors.
     """
 
-    __slots__ = ("data", "grad", "requires_grad", "_prim", "_inputs", "_vals", "_kw", "_edges", "_hooks",
-                 "_tangent", "_origin", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_prim", "_inputs", "_vals", "_kw", "_edges",
+                 "_hooks", "_tangent", "_origin", "__weakref__")
     __array_priority__ = 1000  # ndarray <op> Tensor defers to Tensor's reflected operator
 
     def __init__(self, data: Any, requires_grad: bool = False) -> None:
@@ -391,21 +405,20 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
     anomaly = STATE.anomaly
     prev_enabled = STATE.grad_enabled
     STATE.grad_enabled = create_graph
+    STATE.backward_depth += 1
     try:
         while ready:
             v = ready.pop()
             g = grads.pop(v)
-            if v._hooks:
-                for hook in v._hooks:
-                    r = hook(g)
-                    if r is not None:
-                        g = r
             prim = v._prim
-            if prim is None or (stop is not None and v in stop):
-                if stop is not None:
-                    grads[v] = g  # keep for the caller
-                else:
-                    _accumulate_leaf(v, g)
+            if stop is not None and (prim is None or v in stop):
+                if v in stop:  # functional mode: hooks of other leaves (parameters) stay quiet
+                    grads[v] = _run_hooks(v, g) if v._hooks else g
+                continue
+            if v._hooks:
+                g = _run_hooks(v, g)
+            if prim is None:
+                _accumulate_leaf(v, g)
                 continue
             args = v._inputs
             if create_graph:
@@ -429,11 +442,28 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
             if not retain_graph and not create_graph:
                 v._edges = _FREED
                 v._inputs = v._vals = v._kw = None
+    except BaseException:
+        if STATE.backward_depth == 1:
+            STATE.callbacks.clear()  # a failed walk must not run its callbacks in the next one
+        raise
     finally:
         STATE.grad_enabled = prev_enabled
+        STATE.backward_depth -= 1
+    if STATE.backward_depth == 0 and STATE.callbacks:
+        callbacks, STATE.callbacks = STATE.callbacks, []
+        for fn in callbacks:
+            fn()
     if inputs is None:
         return None
     return [grads.get(t) for t in inputs]
+
+
+def _run_hooks(v: Tensor, g: Any) -> Any:
+    for hook in v._hooks:
+        r = hook(g)
+        if r is not None:
+            g = r
+    return g
 
 
 def _accumulate_leaf(leaf: Tensor, g: Any) -> None:

@@ -1,0 +1,229 @@
+"""DataParallel: every rank differentiates its shard; gradients are averaged during backward.
+
+How one step goes:
+1. forward on the local shard, `loss.backward()` on the local loss;
+2. a hook on every parameter copies its gradient into its fusion bucket the
+   moment it is final; when a bucket is complete (and every bucket before it
+   has been started — collectives are issued in the same order on every rank)
+   its reduction is handed to a communication thread;
+3. that thread runs the bucket's collective (mpi4py releases the GIL inside
+   MPI, so it progresses while the main thread's numpy keeps computing the
+   rest of backward — MPICH makes no progress on a non-blocking collective
+   unless some thread is inside MPI);
+4. when the backward walk ends, a queued callback zero-fills the slots of
+   parameters that got no gradient, starts the remaining buckets in order,
+   waits for all of them and points each `p.grad` at its averaged slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ..autodiff import Tensor, queue_callback
+from ..comm import Communicator
+from ..comm.buckets import Bucket, plan_buckets
+from ..nn import Module
+from .sync import make_sync
+
+__all__ = ["DataParallel", "StepStats"]
+
+
+class StepStats:
+    """What the last synchronised backward cost on this rank (seconds and bytes)."""
+
+    __slots__ = ("bytes_sent", "compress_s", "communicate_s", "decompress_s", "wait_s",
+                 "buckets", "unused", "spans")
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.compress_s = self.communicate_s = self.decompress_s = self.wait_s = 0.0
+        self.buckets = 0
+        self.unused = 0
+        self.spans: list[tuple[str, int, float, float]] = []  # (phase, bucket, start, end)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"bytes_sent": self.bytes_sent, "compress_s": self.compress_s,
+                "communicate_s": self.communicate_s, "decompress_s": self.decompress_s,
+                "wait_s": self.wait_s, "buckets": self.buckets, "unused_params": self.unused}
+
+
+class DataParallel(Module):
+    """Wrap `module` so that `backward()` averages its gradients over `comm`'s ranks.
+
+    At wrap time the parameters are broadcast from rank 0 and a fingerprint
+    of (name, shape, dtype) is checked on every rank: a mismatch raises the
+    same MismatchError everywhere, before any step. `compressor` is a spec
+    string or object of `distad.compress` (None: exact float allreduce).
+    `bucket_mb` caps the fusion buckets; `first_bucket_mb` keeps the first
+    one small so communication starts early. `overlap=False` reduces all
+    buckets after backward instead of during it (for comparison).
+    Parameters keep their dtype; gradients after backward are read-only views
+    into the buckets.
+    """
+
+    def __init__(self, module: Module, comm: Communicator | None = None,
+                 compressor: Any = None, *, bucket_mb: float = 25.0,
+                 first_bucket_mb: float = 1.0, overlap: bool = True,
+                 broadcast: bool = True) -> None:
+        super().__init__()
+        self.module = module
+        comm = comm if comm is not None else Communicator()
+        object.__setattr__(self, "comm", comm)
+        params = [p for _, p in module.named_parameters()]
+        if not params:
+            raise ValueError("DataParallel: the module has no parameters")
+        self._check_fingerprint(module, comm)
+        buckets = plan_buckets(params, cap_mb=bucket_mb, first_mb=first_bucket_mb)
+        object.__setattr__(self, "buckets", buckets)
+        if broadcast and comm.size > 1:
+            self._broadcast_parameters()
+        sync = make_sync(compressor, comm)
+        object.__setattr__(self, "sync", sync)
+        object.__setattr__(self, "stats", StepStats())
+        object.__setattr__(self, "_overlap", bool(overlap) and comm.size > 1)
+        object.__setattr__(self, "_executor", ThreadPoolExecutor(1, "distad-comm")
+                           if self._overlap else None)
+        object.__setattr__(self, "_futures", [])
+        object.__setattr__(self, "_next", 0)
+        object.__setattr__(self, "_armed", False)
+        object.__setattr__(self, "_sync_enabled", True)
+        object.__setattr__(self, "_t0", 0.0)
+        for b in buckets:
+            for k, p in enumerate(b.params):
+                p.register_hook(self._hook(b, k))
+
+    # ---- set-up --------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_fingerprint(module: Module, comm: Communicator) -> None:
+        fp = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in module.named_parameters())
+        comm.agree(fp, what="model fingerprint (parameter names, shapes, dtypes)")
+
+    def _broadcast_parameters(self) -> None:
+        """One broadcast per bucket from rank 0, so every rank starts from the same weights."""
+        for b in self.buckets:
+            for p, view in zip(b.params, b.views):
+                np.copyto(view, p.data)
+            self.comm.bcast(b.buffer, root=0)
+            for p, view in zip(b.params, b.views):
+                np.copyto(p.data, view)
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally; the first backward after the block synchronises the
+        accumulated sum (gradient accumulation over micro-batches without extra traffic)."""
+        prev = self._sync_enabled
+        object.__setattr__(self, "_sync_enabled", False)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_sync_enabled", prev)
+
+    # ---- backward: hooks, buckets, reduction -------------------------------------------------
+
+    def _hook(self, bucket: Bucket, k: int):
+        param = bucket.params[k]
+
+        def hook(g: np.ndarray) -> None:
+            if not self._sync_enabled:
+                return None
+            if isinstance(g, Tensor):
+                g = g.data
+            if not self._armed:  # first gradient of this backward
+                object.__setattr__(self, "_armed", True)
+                object.__setattr__(self, "_t0", time.perf_counter())
+                queue_callback(self._finish)
+            view = bucket.views[k]
+            if param.grad is None:
+                np.copyto(view, g)
+            else:  # gradients accumulated under no_sync() are part of this synchronisation
+                np.add(param.grad, g, out=view)
+            if not bucket.ready[k]:
+                bucket.ready[k] = True
+                bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch_in_order()
+            return None
+
+        return hook
+
+    def _launch_in_order(self) -> None:
+        """Start every complete bucket whose predecessors have all been started."""
+        while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
+            self._launch(self.buckets[self._next])
+            object.__setattr__(self, "_next", self._next + 1)
+
+    def _launch(self, bucket: Bucket) -> None:
+        if self._executor is None:
+            self._futures.append(bucket)
+        else:
+            self._futures.append(self._executor.submit(self._reduce, bucket))
+
+    def _reduce(self, bucket: Bucket) -> dict:
+        t = time.perf_counter()
+        report = self.sync.reduce(bucket.buffer, bucket.index)
+        report["start"], report["end"], report["bucket"] = t, time.perf_counter(), bucket.index
+        return report
+
+    def _finish(self) -> None:
+        """After the backward walk: complete the step's reductions and publish the gradients."""
+        stats = StepStats()
+        for b in self.buckets[self._next:]:
+            stats.unused += b.fill_missing()
+        self._launch_in_order()
+        t_wait = time.perf_counter()
+        reports = []
+        try:
+            for f in self._futures:
+                reports.append(f.result() if isinstance(f, Future) else self._reduce(f))
+        finally:
+            self._futures.clear()
+            object.__setattr__(self, "_next", 0)
+            object.__setattr__(self, "_armed", False)
+            for b in self.buckets:
+                b.reset()
+        stats.wait_s = time.perf_counter() - t_wait
+        for b in self.buckets:
+            for p, view in zip(b.params, b.views):
+                g = view.view()
+                g.flags.writeable = False
+                p.grad = g
+        stats.buckets = len(reports)
+        for r in reports:
+            stats.bytes_sent += r.get("bytes_sent", 0)
+            stats.compress_s += r.get("compress_s", 0.0)
+            stats.communicate_s += r.get("communicate_s", 0.0)
+            stats.decompress_s += r.get("decompress_s", 0.0)
+            stats.spans.append(("sync", r["bucket"], r["start"] - self._t0, r["end"] - self._t0))
+        object.__setattr__(self, "stats", stats)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The wrapped module's state (no 'module.' prefix, so it loads into an unwrapped model)."""
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True) -> Any:
+        return self.module.load_state_dict(state_dict, strict=strict)
+
+    def sync_state_dict(self) -> dict[str, np.ndarray]:
+        """Run state of the gradient synchronisation (error-feedback residuals etc.), this rank."""
+        return self.sync.state_dict()
+
+    def load_sync_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.sync.load_state_dict(state)
+
+    def close(self) -> None:
+        """Stop the communication thread (also done at interpreter exit)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+

@@ -1,0 +1,176 @@
+"""DataParallel and the distributed gradient service, under mpiexec, against one process.
+
+Every rank can regenerate the global batch from a seed, so each test computes
+the single-process oracle locally and compares the distributed result to it.
+"""
+
+import numpy as np
+import pytest
+
+import distad as ad
+from distad.comm.errors import MismatchError
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+def make_model(seed=0, hidden=16):
+    return ad.nn.Sequential(ad.nn.Linear(8, hidden, rng=seed), ad.nn.Tanh(),
+                            ad.nn.Linear(hidden, hidden, rng=seed + 1), ad.nn.ReLU(),
+                            ad.nn.Linear(hidden, 4, rng=seed + 2))
+
+
+def global_batch(n, seed=7):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 8)).astype(np.float32), rng.integers(0, 4, n)
+
+
+def shard(a, comm):
+    """Contiguous, equal shards: rank r gets rows [r*n/p, (r+1)*n/p)."""
+    n = len(a) // comm.size
+    return a[comm.rank * n:(comm.rank + 1) * n]
+
+
+def grads_of(model):
+    return [p.grad.copy() for p in model.parameters()]
+
+
+def test_gradients_equal_one_process_on_the_global_batch(comm):
+    X, y = global_batch(8 * comm.size)
+    dp = ad.parallel.DataParallel(make_model(), comm, first_bucket_mb=0.001, bucket_mb=0.002)
+    assert len(dp.buckets) > 1                 # several buckets, so ordering is exercised
+    ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+    ref = make_model()
+    ad.nn.functional.cross_entropy(ref(X), y).backward()
+    for g, r in zip(grads_of(dp.module), grads_of(ref)):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=1e-7)
+    assert dp.stats.bytes_sent == sum(b.nbytes for b in dp.buckets)
+
+
+def test_ten_steps_match_one_process_with_the_global_batch_and_ranks_agree_bitwise(comm):
+    lr = 0.1
+    dp = ad.parallel.DataParallel(make_model(), comm)
+    ref = make_model()
+    for step in range(10):
+        X, y = global_batch(4 * comm.size, seed=100 + step)
+        for model, xb, yb in ((dp, shard(X, comm), shard(y, comm)), (ref, X, y)):
+            model.zero_grad()
+            ad.nn.functional.cross_entropy(model(xb), yb).backward()
+            for p in model.parameters():
+                p.data -= lr * p.grad
+    for p, r in zip(dp.module.parameters(), ref.parameters()):
+        np.testing.assert_allclose(p.data, r.data, rtol=1e-4, atol=1e-6)
+        everyone = comm.allgather(p.data)
+        assert all(np.array_equal(everyone[0], e) for e in everyone[1:])
+
+
+def test_parameters_are_broadcast_from_rank_0_at_wrap_time(comm):
+    model = make_model(seed=comm.rank)        # different weights on every rank
+    ad.parallel.DataParallel(model, comm)
+    expected = make_model(seed=0)
+    for p, e in zip(model.parameters(), expected.parameters()):
+        np.testing.assert_array_equal(p.data, e.data)
+
+
+def test_mismatched_models_raise_the_same_error_on_every_rank(comm):
+    model = make_model(hidden=16 if comm.rank == 0 else 17)
+    with pytest.raises(MismatchError, match="fingerprint") as err:
+        ad.parallel.DataParallel(model, comm)
+    messages = comm.allgatherv(np.frombuffer(str(err.value).encode(), np.uint8))
+    assert all(np.array_equal(messages[0], m) for m in messages)
+
+
+def test_no_sync_accumulates_then_synchronises_the_sum(comm):
+    X, y = global_batch(8 * comm.size)
+    Xs, ys = shard(X, comm), shard(y, comm)
+    dp = ad.parallel.DataParallel(make_model(), comm)
+    half = len(Xs) // 2
+    with dp.no_sync():
+        ad.nn.functional.cross_entropy(dp(Xs[:half]), ys[:half]).backward()
+    local_only = grads_of(dp.module)
+    ad.nn.functional.cross_entropy(dp(Xs[half:]), ys[half:]).backward()
+    # oracle: average over ranks of (loss on first half + loss on second half)
+    ref = make_model()
+    n = half
+    for r in range(comm.size):
+        xr, yr = X[r * 2 * n:(r + 1) * 2 * n], y[r * 2 * n:(r + 1) * 2 * n]
+        for part in (slice(0, n), slice(n, 2 * n)):
+            (ad.nn.functional.cross_entropy(ref(xr[part]), yr[part]) * (1.0 / comm.size)).backward()
+    for g, r in zip(grads_of(dp.module), grads_of(ref)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6)
+    everyone = comm.allgather(local_only[0])
+    assert not all(np.array_equal(everyone[0], e) for e in everyone[1:]), \
+        "under no_sync the gradients must stay local"
+
+
+def test_a_parameter_without_gradient_on_some_ranks_is_zero_filled(comm):
+    class TwoHeads(ad.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = ad.nn.Linear(8, 8, rng=0)
+            self.a = ad.nn.Linear(8, 4, rng=1)
+            self.b = ad.nn.Linear(8, 4, rng=2)
+
+        def forward(self, x, head):
+            return (self.a if head == "a" else self.b)(ad.tanh(self.body(x)))
+
+    X, y = global_batch(4 * comm.size)
+    dp = ad.parallel.DataParallel(TwoHeads(), comm)
+    head = "a" if comm.rank == 0 else "b"      # rank 0 never touches head b, the others never a
+    ad.nn.functional.cross_entropy(dp(shard(X, comm), head), shard(y, comm)).backward()
+    ref = TwoHeads()
+    for r in range(comm.size):
+        xr, yr = X[r * 4:(r + 1) * 4], y[r * 4:(r + 1) * 4]
+        out = ref(xr, "a" if r == 0 else "b")
+        (ad.nn.functional.cross_entropy(out, yr) * (1.0 / comm.size)).backward()
+    for name, p in dp.module.named_parameters():
+        r = dict(ref.named_parameters())[name]
+        np.testing.assert_allclose(p.grad, r.grad if r.grad is not None else 0, rtol=1e-4,
+                                   atol=1e-6, err_msg=name)
+    assert dp.stats.unused == 2                # weight and bias of the head this rank skips
+
+
+def test_overlap_and_no_overlap_give_identical_gradients(comm):
+    X, y = global_batch(8 * comm.size)
+    out = []
+    for overlap in (True, False):
+        dp = ad.parallel.DataParallel(make_model(), comm, overlap=overlap, first_bucket_mb=0.001,
+                                      bucket_mb=0.002)
+        ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+        out.append(grads_of(dp.module))
+        dp.close()
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+
+
+def logistic_loss(w, shard):
+    X, y = shard
+    z = X @ w
+    return (ad.log(1.0 + ad.exp(-ad.abs(z))) + ad.relu(z) - y * z).mean() + 1e-3 * (w * w).sum()
+
+
+def test_distributed_lbfgs_reaches_the_single_process_optimum(comm):
+    rng = np.random.default_rng(3)
+    n, d = 64 * comm.size, 5
+    X = rng.standard_normal((n, d))
+    y = (X @ rng.standard_normal(d) + 0.3 * rng.standard_normal(n) > 0).astype(np.float64)
+    Xs, ys = shard(X, comm), shard(y, comm)
+    service = ad.parallel.value_and_grad(logistic_loss, comm=comm, reduce="mean")
+
+    def minimise(value_and_grad, data):
+        w = ad.nn.Parameter(np.zeros(d))
+        opt = ad.optim.LBFGS([w], lr=1, max_iter=200, tolerance_grad=1e-12,
+                             tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+        def closure():
+            v, g = value_and_grad(w.data, data)
+            w.grad = g
+            return float(v)
+
+        opt.step(closure)
+        return w.data
+
+    w_dist = minimise(service, (Xs, ys))
+    w_one = minimise(ad.value_and_grad(logistic_loss), (X, y))
+    np.testing.assert_allclose(w_dist, w_one, atol=1e-6)
+    everyone = comm.allgather(w_dist)
+    assert all(np.array_equal(everyone[0], e) for e in everyone[1:])
