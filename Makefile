@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[mpich,plot,test]'
 	touch $@
 
+# The main job: data-parallel training on the bundled digits data set, 4 ranks.
+DEMO_ARGS ?= --epochs 40 --lr 0.2 --hidden 256 --out runs/demo
 demo: $(STAMP)
-	$(PY) examples/mlp_digits.py
+	$(MPIEXEC) -n 4 $(VENV)/bin/distad train $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -1,0 +1,102 @@
+"""The configuration of a training job and its command line (`distad train --help`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; the same config and seed give the same result."""
+
+    model: str = "mlp"
+    hidden: str = "128"
+    dataset: str = "digits"
+    samples: int = 4096          # synthetic data set size
+    features: int = 64           # synthetic data set width
+    classes: int = 10            # synthetic data set classes
+    test_size: float = 0.2
+    epochs: int = 10
+    batch_size: int = 32         # per rank
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    clip: float = 0.0
+    compress: str = "none"
+    bucket_mb: float = 25.0
+    first_bucket_mb: float = 1.0
+    overlap: bool = True
+    parallel: str = "dp"
+    microbatches: int = 1
+    checkpoint_dir: str = ""
+    checkpoint_every: int = 0    # steps; 0: at the end of every epoch
+    resume: bool = False
+    out: str = ""
+    seed: int = 0
+    gc_every: int = 50
+    log_every: int = 10
+    max_steps: int = 0           # stop after this many steps (0: run all epochs)
+    progress: bool = True
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [int(h) for h in self.hidden.split(",") if h]
+
+
+HELP = {
+    "model": "mlp or cnn", "hidden": "hidden layer widths of the MLP, e.g. 128 or 512,512",
+    "dataset": "digits (bundled, 1,797 8x8 images) or synthetic",
+    "samples": "size of the synthetic data set", "features": "width of the synthetic data set",
+    "classes": "classes of the synthetic data set", "test_size": "held-out fraction",
+    "batch_size": "samples per rank per step (global batch = ranks x this)",
+    "optimizer": "sgd, adam, adamw or lbfgs", "schedule": "none, step or cosine (per step)",
+    "clip": "clip the global gradient norm to this (0: off)",
+    "compress": "gradient compression spec, e.g. none, fp16, topk:0.01+ef, powersgd:2+ef",
+    "parallel": "dp (data parallel)", "microbatches": "micro-batches per step",
+    "checkpoint_dir": "write checkpoints here", "checkpoint_every": "steps between checkpoints "
+    "(0: every epoch)", "resume": "continue from the newest checkpoint in --checkpoint-dir",
+    "out": "write metrics.jsonl, summary.json and model.npz here (rank 0)",
+    "gc_every": "run Python's cyclic GC on every rank at once every N steps (0: never)",
+    "max_steps": "stop after this many steps in total (0: all epochs)",
+    "overlap": "overlap gradient communication with backward", "progress": "progress bar",
+}
+
+CHOICES = {"model": ("mlp", "cnn"), "dataset": ("digits", "synthetic"),
+           "optimizer": ("sgd", "adam", "adamw", "lbfgs"), "schedule": ("none", "step", "cosine"),
+           "parallel": ("dp",)}
+
+
+def parser(prog: str = "distad train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a model with data parallelism "
+                                "over MPI (run under mpiexec for several ranks).")
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction,
+                           help=HELP.get(f.name))
+        else:
+            p.add_argument(flag, type=type(default), default=default, choices=CHOICES.get(f.name),
+                           help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (default {default})")
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    if cfg.resume and not cfg.checkpoint_dir:
+        raise SystemExit("distad train: --resume needs --checkpoint-dir")
+    if cfg.batch_size < 1 or cfg.epochs < 1:
+        raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
+    return cfg

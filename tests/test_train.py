@@ -1,0 +1,124 @@
+"""The training job and its checkpoints: atomic, verified, exact resume."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import distad as ad
+from distad.train import CheckpointError, load_state, save_state
+from distad.train.config import TrainConfig
+
+
+def nested_state():
+    return {"step": 12, "name": "run", "lr": 0.1, "none": None,
+            "model": {"0.weight": np.arange(6, dtype=np.float32).reshape(2, 3)},
+            "optimizer": {"state": {0: {"momentum": np.ones(3, np.float32), "step": 4}},
+                          "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+            "rng": (1, 2, 2**70)}
+
+
+def test_checkpoint_round_trips_nested_state_with_types(tmp_path):
+    save_state(tmp_path / "c.npz", nested_state())
+    back = load_state(tmp_path / "c.npz")
+    assert back["optimizer"]["state"][0]["step"] == 4          # int keys stay ints
+    np.testing.assert_array_equal(back["model"]["0.weight"], nested_state()["model"]["0.weight"])
+    assert back["model"]["0.weight"].dtype == np.float32
+    assert back["rng"] == (1, 2, 2**70) and back["none"] is None
+
+
+def test_checkpoint_refuses_objects_that_would_need_pickle(tmp_path):
+    with pytest.raises(TypeError, match="cannot store.*never pickle"):
+        save_state(tmp_path / "c.npz", {"f": object()})
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
+    p = tmp_path / "c.npz"
+    save_state(p, nested_state())
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"c\.npz: unreadable \(truncated or corrupted\)"):
+        load_state(p)
+
+
+def test_tampered_checkpoint_gives_a_clear_error(tmp_path):
+    p = tmp_path / "c.npz"
+    state = nested_state()
+    save_state(p, state)
+    with np.load(p, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    key = next(k for k in arrays if k != "manifest" and arrays[k].dtype == np.float32)
+    arrays[key] = arrays[key] + 1                                 # a consistent zip, wrong data
+    np.savez(p, **arrays)
+    with pytest.raises(CheckpointError, match="model/0.weight fails its SHA-256 check"):
+        load_state(p)
+
+
+def test_a_write_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):
+    p = tmp_path / "c.npz"
+    save_state(p, {"version": 1, "w": np.zeros(1000)})
+    script = textwrap.dedent(f"""
+        import os, signal, numpy as np
+        import distad.train.checkpoint as c
+        def killed_before_rename(src, dst):
+            os.kill(os.getpid(), signal.SIGKILL)     # the file is written, the rename never happens
+        c.os.replace = killed_before_rename
+        c.save_state({str(p)!r}, {{"version": 2, "w": np.ones(1000)}})
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL
+    back = load_state(p)
+    assert back["version"] == 1 and not back["w"].any()
+
+
+def test_one_process_training_learns_digits(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.2, out=str(tmp_path), progress=False)
+    summary = ad.train.run(cfg)
+    assert summary["test_acc"] > 0.9
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") > 3
+    model = load_state(tmp_path / "model.npz")["model"]
+    assert list(model) == ["1.weight", "1.bias", "3.weight", "3.bias"]
+
+
+def _train(args, env, mpiexec=None, ranks=1, timeout=240):
+    cmd = [sys.executable, "-m", "distad", "train", "--no-progress", *args]
+    if mpiexec is not None:
+        cmd = [str(mpiexec), "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
+        tmp_path, mpiexec, launch_env, ranks):
+    common = ["--epochs", "3", "--batch-size", "16", "--hidden", "32", "--checkpoint-every", "7"]
+    full = _train([*common, "--out", str(tmp_path / "full")], launch_env, mpiexec, ranks)
+    assert full.returncode == 0, full.stderr
+    ck = str(tmp_path / "ck")
+    killed = _train([*common, "--checkpoint-dir", ck, "--out", str(tmp_path / "a")],
+                    dict(launch_env, DISTAD_KILL_AT_STEP="30"), mpiexec, ranks)
+    assert killed.returncode != 0
+    assert not (tmp_path / "a" / "model.npz").exists()
+    resumed = _train([*common, "--checkpoint-dir", ck, "--resume", "--out", str(tmp_path / "b")],
+                     launch_env, mpiexec, ranks)
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_state(tmp_path / "full" / "model.npz")["model"]
+    b = load_state(tmp_path / "b" / "model.npz")["model"]
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_refuses_a_checkpoint_from_a_different_run(tmp_path, launch_env):
+    ck = str(tmp_path / "ck")
+    assert _train(["--epochs", "1", "--hidden", "16", "--checkpoint-dir", ck],
+                  launch_env).returncode == 0
+    r = _train(["--epochs", "2", "--hidden", "32", "--checkpoint-dir", ck, "--resume"], launch_env)
+    assert r.returncode != 0
+    assert "different run" in r.stderr and "hidden" in r.stderr
+
+
+def test_cli_help_lists_the_commands():
+    r = subprocess.run([sys.executable, "-m", "distad", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "bench engine" in r.stdout and "train" in r.stdout
