@@ -174,3 +174,18 @@ def test_distributed_lbfgs_reaches_the_single_process_optimum(comm):
     np.testing.assert_allclose(w_dist, w_one, atol=1e-6)
     everyone = comm.allgather(w_dist)
     assert all(np.array_equal(everyone[0], e) for e in everyone[1:])
+
+
+def test_sync_gradients_averages_gradients_computed_outside_backward(comm):
+    dp = ad.parallel.DataParallel(make_model(), comm)
+    params = list(dp.module.parameters())
+    for i, p in enumerate(params):
+        p.grad = np.full(p.shape, comm.rank + i, dtype=np.float32)
+    params[1].grad = None if comm.rank == 0 else params[1].grad   # counts as zero on rank 0
+    dp.sync_gradients()
+    mean_rank = (comm.size - 1) / 2
+    for i, p in enumerate(params):
+        expected = mean_rank + i
+        if i == 1:
+            expected = sum(r + 1 for r in range(1, comm.size)) / comm.size
+        np.testing.assert_allclose(p.grad, expected, rtol=1e-6)

@@ -133,30 +133,52 @@ class DataParallel(Module):
     # ---- backward: hooks, buckets, reduction -------------------------------------------------
 
     def _hook(self, bucket: Bucket, k: int):
-        param = bucket.params[k]
-
         def hook(g: np.ndarray) -> None:
             if not self._sync_enabled:
                 return None
-            if isinstance(g, Tensor):
-                g = g.data
             if not self._armed:  # first gradient of this backward
-                object.__setattr__(self, "_armed", True)
-                object.__setattr__(self, "_t0", time.perf_counter())
+                self._arm()
                 queue_callback(self._finish)
-            view = bucket.views[k]
-            if param.grad is None:
-                np.copyto(view, g)
-            else:  # gradients accumulated under no_sync() are part of this synchronisation
-                np.add(param.grad, g, out=view)
-            if not bucket.ready[k]:
-                bucket.ready[k] = True
-                bucket.pending -= 1
-            if bucket.pending == 0:
-                self._launch_in_order()
+            self._arrive(bucket, k, g.data if isinstance(g, Tensor) else g)
             return None
 
         return hook
+
+    def _arm(self) -> None:
+        object.__setattr__(self, "_armed", True)
+        object.__setattr__(self, "_t0", time.perf_counter())
+
+    def _arrive(self, bucket: Bucket, k: int, g: np.ndarray) -> None:
+        """Gradient k of `bucket` is final: copy it in, and start the bucket once complete."""
+        param = bucket.params[k]
+        view = bucket.views[k]
+        if param.grad is None:  # copy and pre-divide in one pass (see GradientSync.prescale)
+            np.multiply(g, self.sync.prescale, out=view)
+        else:  # gradients accumulated under no_sync() are part of this synchronisation
+            np.add(param.grad, g, out=view)
+            view *= self.sync.prescale
+        if not bucket.ready[k]:
+            bucket.ready[k] = True
+            bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch_in_order()
+
+    def sync_gradients(self) -> None:
+        """Average every parameter's current `.grad` across ranks now, outside backward.
+
+        For gradients computed another way (e.g. `ad.grad`, or hand-written);
+        parameters whose `.grad` is None count as zero. Collective.
+        """
+        self._arm()
+        for b in self.buckets:
+            for k, p in enumerate(b.params):
+                if p.grad is not None:
+                    np.multiply(p.grad, self.sync.prescale, out=b.views[k])
+                    b.ready[k] = True
+                    b.pending -= 1
+            if b.pending == 0:
+                self._launch_in_order()
+        self._finish()
 
     def _launch_in_order(self) -> None:
         """Start every complete bucket whose predecessors have all been started."""

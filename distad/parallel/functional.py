@@ -43,6 +43,7 @@ def value_and_grad(f: Callable, comm: Communicator | None = None, reduce: str = 
         out = list(leaves)
         for key, (dtype, idx) in enumerate(sorted(by_dtype.items(), key=lambda kv: kv[0].str)):
             flat = np.concatenate([np.ravel(leaves[i]) for i in idx]).astype(dtype, copy=False)
+            flat *= sync.prescale
             sync.reduce(flat, key)
             if reduce == "sum":
                 np.multiply(flat, comm.size, out=flat)

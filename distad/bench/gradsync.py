@@ -1,0 +1,81 @@
+"""The DataParallel gradient sync against one raw Allreduce of the same bytes.
+
+Bucketing should make synchronising a model's gradients cost about one
+Allreduce of a flat buffer as large as the model (Horovod's tensor fusion):
+this measures both in the same run, interleaved, on every rank, plus a full
+training step with and without overlapping communication with backward.
+Used by `distad bench collectives --model-params N`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import distad as ad
+
+from ..comm import Communicator
+from .collectives import interleaved_times
+
+
+def model_with(n_params: int, seed: int = 0) -> ad.nn.Module:
+    """An MLP of about n_params float32 parameters in 4 layers (many tensors, as in real models)."""
+    w = int(np.sqrt(n_params / 3.4))
+    sizes = [w, 2 * w, w, w // 2, 10]
+    rng = np.random.default_rng(seed)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [ad.nn.Linear(a, b, rng=rng), ad.nn.ReLU()]
+    return ad.nn.Sequential(*layers[:-1])
+
+
+def bench_sync(comm: Communicator, n_params: int, repeats: int = 20,
+               bucket_mb: float = 25.0) -> dict:
+    """Median seconds (slowest rank) of dp.sync_gradients() and of one in-place Allreduce of a
+    flat float32 buffer with the same number of elements, measured in alternation."""
+    model = model_with(n_params)
+    dp = ad.parallel.DataParallel(model, comm, bucket_mb=bucket_mb, overlap=True)
+    params = list(model.parameters())
+    n = sum(p.size for p in params)
+    rng = np.random.default_rng(comm.rank)
+    grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+    flat = np.concatenate([g.ravel() for g in grads])
+
+    def sync():
+        for p, g in zip(params, grads):
+            p.grad = g
+        dp.sync_gradients()
+
+    def raw():
+        from mpi4py import MPI
+
+        comm.mpi.Allreduce(MPI.IN_PLACE, flat)
+
+    times = interleaved_times(comm, [raw, sync], repeats)
+    med = np.median(times, axis=1)
+    dp.close()
+    return {"params": int(n), "bytes": int(n * 4), "buckets": len(dp.buckets),
+            "raw_allreduce_s": float(med[0]), "dp_sync_s": float(med[1]),
+            "ratio": float(med[1] / med[0])}
+
+
+def bench_overlap(comm: Communicator, n_params: int, batch: int = 64, repeats: int = 10) -> dict:
+    """Median seconds of one training step (forward, backward, sync) with overlap on and off."""
+    steps = {}
+    for overlap in (True, False):
+        model = model_with(n_params)
+        dp = ad.parallel.DataParallel(model, comm, overlap=overlap, bucket_mb=4.0)
+        d_in = model[0].weight.shape[1]
+        X = np.random.default_rng(comm.rank).standard_normal((batch, d_in)).astype(np.float32)
+        y = np.arange(batch) % 10
+
+        def step(dp=dp, X=X, y=y):
+            dp.zero_grad()
+            ad.nn.functional.cross_entropy(dp(X), y).backward()
+
+        steps[overlap] = (step, dp)
+    times = interleaved_times(comm, [steps[True][0], steps[False][0]], repeats)
+    for _, dp in steps.values():
+        dp.close()
+    med = np.median(times, axis=1)
+    return {"overlap_s": float(med[0]), "no_overlap_s": float(med[1]),
+            "ratio": float(med[0] / med[1])}
