@@ -19,6 +19,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from types import TracebackType
@@ -27,6 +28,9 @@ from types import TracebackType
 # (MPICH/Intel MPI hydra and PMI-2, Open MPI, MVAPICH, srun inside a step).
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE",
                        "SLURM_STEP_NUM_TASKS")
+
+# Seconds between printing the traceback and MPI_Abort, so the launcher can forward it.
+_FORWARD_GRACE_S = 0.25
 
 _previous_excepthook = None
 _previous_threading_excepthook = None
@@ -103,7 +107,10 @@ def _threading_excepthook(args: threading.ExceptHookArgs) -> None:
 def _abort_job(exc_type: type[BaseException], exc: BaseException | None,
                tb: TracebackType | None, code: int = 1, header: str = "") -> None:
     """Print the traceback tagged with the rank and abort the job; return only if size is 1."""
-    world = _world_comm()
+    try:
+        world = _world_comm()
+    except Exception:  # a broken MPI must not hide the original exception
+        return
     if world is None:
         return
     rank, size = world.Get_rank(), world.Get_size()
@@ -115,11 +122,17 @@ def _abort_job(exc_type: type[BaseException], exc: BaseException | None,
         sys.stdout.flush()
         sys.stderr.write(text)  # one write, so ranks' tracebacks do not interleave by line
         sys.stderr.flush()
+        # The launcher forwards our stderr asynchronously and discards what it has
+        # not read when the abort tears the job down (seen here about 1 run in 15
+        # without this pause): give it a moment before pulling the plug.
+        time.sleep(_FORWARD_GRACE_S)
     finally:
-        world.Abort(code)
-        # MPICH's MPI_Abort returns once it has told the launcher; never run on
-        # (no second traceback from the previous hook, no more work) until killed.
-        os._exit(code)
+        try:
+            world.Abort(code)
+        finally:
+            # MPICH's MPI_Abort returns once it has told the launcher; never run on
+            # (no second traceback from the previous hook, no more work) until killed.
+            os._exit(code)
 
 
 def _world_comm():  # -> MPI.Comm | None; untyped so that mpi4py.MPI stays unimported

@@ -44,7 +44,8 @@ class Request:
     def wait(self) -> np.ndarray | None:
         """Block until complete; return the result array (None for a send)."""
         if not self._done:
-            status = MPI.Status()
+            # A Status costs an allocation; only irecv's size check needs one.
+            status = MPI.Status() if self._on_complete is not None else None
             self._request.Wait(status)
             self._complete(status)
         return self._result
@@ -52,13 +53,13 @@ class Request:
     def test(self) -> bool:
         """Return True if the operation has completed (never blocks)."""
         if not self._done:
-            status = MPI.Status()
+            status = MPI.Status() if self._on_complete is not None else None
             if not self._request.Test(status):
                 return False
             self._complete(status)
         return True
 
-    def _complete(self, status: MPI.Status) -> None:
+    def _complete(self, status: MPI.Status | None) -> None:
         self._done = True
         self._keepalive = ()
         if self._on_complete is not None:

@@ -1,0 +1,272 @@
+"""The nn table: fused primitives for layers and losses, each forward next to its rules.
+
+Same notation as `distad/autodiff/ops.py`: `g` is the output cotangent, `t` an
+input tangent, `y` the output, then the inputs; parameters travel as keywords.
+The rules are written with operators, shared array/Tensor methods and distad
+ops, so they run on numpy arrays (first order) and on Tensors (higher order).
+
+Convolution rests on a pair of linear maps that are each other's transpose,
+`im2col` (patches as rows of a matrix, via `sliding_window_view`) and `col2im`;
+average pooling likewise on `avg_pool2d`/`avg_unpool`. Max pooling routes each
+window's cotangent to its argmax with the engine's `scatter_add`. Folds and
+pools loop over the kh*kw kernel offsets, each a vectorised strided operation
+(never a loop over pixels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from distad.autodiff import Primitive, Tensor, broadcast_to, scatter_add, softmax, tanh
+
+__all__ = [
+    "avg_pool2d", "col2im", "conv_output_size", "cross_entropy_p", "gelu_p", "im2col",
+    "linear_p", "max_pool2d",
+]
+
+Pair = tuple[int, int]
+
+
+def _v(a):
+    """The raw value of a Tensor or array (for masks and targets, which have no gradient)."""
+    return a.data if isinstance(a, Tensor) else a
+
+
+# ---- linear: y = x @ w.T + b, one tape vertex instead of three ---------------------------
+
+def _linear_fwd(x, w, b):
+    y = x @ w.T
+    if b is not None:
+        np.add(y, b, out=y)  # y is a fresh matmul result: add in place
+    return y
+
+
+def _rows(a, n: int):
+    """a as a matrix of rows of length n (the batch axes flattened)."""
+    return a.reshape(-1, n)
+
+
+# ---- GELU, tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3))) --------------------
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def _gelu_fwd(x):
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + _GELU_A * x * x * x)))
+
+
+def _gelu_slope(x):
+    """d gelu / dx, written with distad ops so it is differentiable again."""
+    th = tanh(_GELU_C * (x + _GELU_A * x * x * x))
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * (_GELU_C * (1.0 + 3 * _GELU_A * x * x))
+
+
+# ---- cross-entropy with integer labels: log-softmax + NLL (+ label smoothing) ------------
+
+def _ce_target(x, labels, smoothing: float):
+    """The target distribution q: (1 - s) one-hot + s / C, in x's dtype (a constant)."""
+    xv = _v(x)
+    n, c = xv.shape
+    q = np.full(xv.shape, smoothing / c, dtype=xv.dtype)
+    q[np.arange(n), labels] += 1.0 - smoothing
+    return q
+
+
+def _ce_reduce(per_row, reduction: str):
+    if reduction == "mean":
+        return per_row.mean()
+    return per_row.sum() if reduction == "sum" else per_row
+
+
+def _ce_fwd(x, labels, smoothing, reduction):
+    z = x - x.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    per_row = -logp[np.arange(len(labels)), labels]
+    if smoothing:
+        per_row = (1.0 - smoothing) * per_row - (smoothing / x.shape[1]) * logp.sum(axis=1)
+    return _ce_reduce(per_row, reduction)
+
+
+def _ce_dlogits(x, labels, smoothing: float):
+    """d loss_i / d logits_i = softmax(x_i) - q_i (before the reduction)."""
+    return softmax(x, axis=-1) - _ce_target(x, labels, smoothing)
+
+
+def _ce_row_scale(g, n: int, reduction: str):
+    """The cotangent of each row's loss, shaped to broadcast against (n, C)."""
+    if reduction == "none":
+        return g.reshape(-1, 1)
+    return g * (1.0 / n) if reduction == "mean" else g
+
+
+# ---- patches: im2col / col2im (convolution) and the pooling windows ----------------------
+# Patches are gathered channels-last: an NCHW input is read through its NHWC view,
+# so every copy moves runs of C contiguous values, and the conv output (a matrix
+# product, NHWC in memory) feeds the next layer without a transposing copy.
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length along one axis: floor((size + 2 padding - kernel) / stride) + 1."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _offsets(kernel: Pair, stride: Pair, out_hw: Pair):
+    """(i, j, slice of rows, slice of cols) for each kernel offset: the pixels it reads."""
+    (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_hw
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw)
+
+
+def _out_hw(shape: tuple, kernel: Pair, stride: Pair, padding: Pair) -> Pair:
+    return (conv_output_size(shape[2], kernel[0], stride[0], padding[0]),
+            conv_output_size(shape[3], kernel[1], stride[1], padding[1]))
+
+
+def _pad_nchw(x, padding: Pair, value: float = 0.0):
+    ph, pw = padding
+    if not (ph or pw):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def _im2col_fwd(x, kernel: Pair, stride: Pair, padding: Pair):
+    """(N, C, H, W) -> (N*OH*OW, kh*kw*C): one row per output pixel, columns ordered (i, j, c)."""
+    (ph, pw), (sh, sw) = padding, stride
+    xh = np.pad(x.transpose(0, 2, 3, 1), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    v = sliding_window_view(xh, kernel, axis=(1, 2))[:, ::sh, ::sw]  # (N, OH, OW, C, kh, kw)
+    n, oh, ow, c, kh, kw = v.shape
+    return v.transpose(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, kh * kw * c)
+
+
+def _col2im_fwd(cols, shape: tuple, kernel: Pair, stride: Pair, padding: Pair):
+    """(N*OH*OW, kh*kw*C) -> (N, C, H, W): the transpose of im2col (overlaps accumulate)."""
+    n, c, h, w = shape
+    (ph, pw), (oh, ow) = padding, _out_hw(shape, kernel, stride, padding)
+    g = cols.reshape(n, oh, ow, kernel[0], kernel[1], c)
+    out = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=cols.dtype)
+    for i, j, rows, cols_ in _offsets(kernel, stride, (oh, ow)):
+        out[:, rows, cols_, :] += g[:, :, :, i, j, :]
+    return out[:, ph:ph + h, pw:pw + w, :].transpose(0, 3, 1, 2)
+
+
+def _max_pool_fwd(x, kernel: Pair, stride: Pair, padding: Pair):
+    """Window maxima (N, C, OH, OW): a running maximum over the kh*kw offsets."""
+    xp = _pad_nchw(x, padding, float(np.finfo(x.dtype).min))  # padding never wins
+    y = None
+    for _, _, rows, cols in _offsets(kernel, stride, _out_hw(x.shape, kernel, stride, padding)):
+        y = xp[:, :, rows, cols].copy() if y is None else np.maximum(y, xp[:, :, rows, cols],
+                                                                      out=y)
+    return y
+
+
+def _max_pool_argmax(x, y, kernel: Pair, stride: Pair, padding: Pair):
+    """Flat index into x of each window's maximum (the first in row-major window order)."""
+    x, y = _v(x), _v(y)
+    n, c, h, w = x.shape
+    (ph, pw), (sh, sw), (oh, ow) = padding, stride, y.shape[2:]
+    xp = _pad_nchw(x, padding, float(np.finfo(x.dtype).min))
+    arg = np.full(y.shape, -1, dtype=np.int64)
+    plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)
+    for i, j, rows, cols in _offsets(kernel, stride, (oh, ow)):
+        r = np.arange(oh, dtype=np.int64) * sh + (i - ph)
+        q = np.arange(ow, dtype=np.int64) * sw + (j - pw)
+        inside = ((r >= 0) & (r < h))[:, None] & ((q >= 0) & (q < w))[None, :]
+        hit = (xp[:, :, rows, cols] == y) & (arg < 0) & inside
+        np.copyto(arg, plane + (r[:, None] * w + q[None, :]), where=hit)
+    return arg
+
+
+def _max_pool_vjp(g, y, x, **geo):
+    """Each window's cotangent goes to its maximum: a scatter-add, so it is differentiable."""
+    arg = _max_pool_argmax(x, y, **geo)
+    return scatter_add(g, (arg,), (x.size,)).reshape(x.shape)
+
+
+def _max_pool_jvp(t, y, x, **geo):
+    return t.reshape(-1)[_max_pool_argmax(x, y, **geo)]
+
+
+def _avg_pool_fwd(x, kernel: Pair, stride: Pair, padding: Pair):
+    """Window means (N, C, OH, OW); zero padding counts (PyTorch's count_include_pad)."""
+    xp = _pad_nchw(x, padding)
+    y = None
+    for _, _, rows, cols in _offsets(kernel, stride, _out_hw(x.shape, kernel, stride, padding)):
+        y = xp[:, :, rows, cols].copy() if y is None else np.add(y, xp[:, :, rows, cols], out=y)
+    y *= 1.0 / (kernel[0] * kernel[1])
+    return y
+
+
+def _avg_unpool_fwd(g, shape: tuple, kernel: Pair, stride: Pair, padding: Pair):
+    """The transpose of avg_pool: each window's value / (kh*kw) added over the window."""
+    n, c, h, w = shape
+    ph, pw = padding
+    out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=g.dtype)
+    share = g * (1.0 / (kernel[0] * kernel[1]))
+    for _, _, rows, cols in _offsets(kernel, stride, g.shape[2:]):
+        out[:, :, rows, cols] += share
+    return out[:, :, ph:ph + h, pw:pw + w]
+
+
+# ---- the table ---------------------------------------------------------------------------
+# Geometry keywords (kernel, stride, padding) pass straight through as **geo.
+
+linear_p = Primitive("linear", _linear_fwd,
+    vjp=(lambda g, y, x, w, b: g @ w,
+         lambda g, y, x, w, b: _rows(g, w.shape[0]).T @ _rows(x, w.shape[1]),
+         lambda g, y, x, w, b: _rows(g, w.shape[0]).sum(0)),
+    jvp=(lambda t, y, x, w, b: t @ w.T,
+         lambda t, y, x, w, b: x @ t.T,
+         lambda t, y, x, w, b: broadcast_to(t, y.shape)))
+gelu_p = Primitive("gelu", _gelu_fwd,
+    vjp=(lambda g, y, x: g * _gelu_slope(x),),
+    jvp=(lambda t, y, x: t * _gelu_slope(x),))
+cross_entropy_p = Primitive("cross_entropy", _ce_fwd,
+    vjp=(lambda g, y, x, labels, smoothing, reduction:
+         _ce_row_scale(g, len(labels), reduction) * _ce_dlogits(x, labels, smoothing),),
+    jvp=(lambda t, y, x, labels, smoothing, reduction:
+         _ce_reduce((_ce_dlogits(x, labels, smoothing) * t).sum(-1), reduction),))
+im2col_p = Primitive("im2col", _im2col_fwd,
+    vjp=(lambda g, y, x, **geo: col2im_p(g, shape=x.shape, **geo),),
+    jvp=(lambda t, y, x, **geo: im2col_p(t, **geo),))
+col2im_p = Primitive("col2im", _col2im_fwd,
+    vjp=(lambda g, y, x, shape, **geo: im2col_p(g, **geo),),
+    jvp=(lambda t, y, x, **kw: col2im_p(t, **kw),))
+max_pool2d_p = Primitive("max_pool2d", _max_pool_fwd,
+    vjp=(_max_pool_vjp,),
+    jvp=(_max_pool_jvp,))
+avg_pool2d_p = Primitive("avg_pool2d", _avg_pool_fwd,
+    vjp=(lambda g, y, x, **geo: avg_unpool_p(g, shape=x.shape, **geo),),
+    jvp=(lambda t, y, x, **geo: avg_pool2d_p(t, **geo),))
+avg_unpool_p = Primitive("avg_unpool", _avg_unpool_fwd,
+    vjp=(lambda g, y, x, shape, **geo: avg_pool2d_p(g, **geo),),
+    jvp=(lambda t, y, x, **kw: avg_unpool_p(t, **kw),))
+
+
+# ---- public functions for the primitives that take parameters ----------------------------
+
+def _geo(kernel: Pair, stride: Pair, padding: Pair) -> dict:
+    return {"kernel": tuple(kernel), "stride": tuple(stride), "padding": tuple(padding)}
+
+
+def im2col(x, kernel: Pair, stride: Pair, padding: Pair = (0, 0)):
+    """NCHW x -> patch matrix (N*OH*OW, kh*kw*C): rows ordered (n, oh, ow), columns (i, j, c)."""
+    return im2col_p(x, **_geo(kernel, stride, padding))
+
+
+def col2im(cols, shape: tuple, kernel: Pair, stride: Pair, padding: Pair = (0, 0)):
+    """The transpose of `im2col`: patch matrix -> NCHW `shape`, overlapping patches summed."""
+    return col2im_p(cols, shape=tuple(shape), **_geo(kernel, stride, padding))
+
+
+def max_pool2d(x, kernel: Pair, stride: Pair, padding: Pair = (0, 0)):
+    """Window maxima of NCHW x; the gradient goes to the first maximum of each window."""
+    return max_pool2d_p(x, **_geo(kernel, stride, padding))
+
+
+def avg_pool2d(x, kernel: Pair, stride: Pair, padding: Pair = (0, 0)):
+    """Window means of NCHW x (zero padding included in the count)."""
+    return avg_pool2d_p(x, **_geo(kernel, stride, padding))
