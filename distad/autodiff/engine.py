@@ -132,11 +132,15 @@ class Primitive:
     Rules are written with operators and distad ops, so they run on numpy
     arrays (first order) and on Tensors (higher order) alike.
 
+    With `residual=True` the forward returns `(y, res)`: `res` (e.g. a
+    fused op's intermediate) is kept on the tape and passed to the VJP rules
+    as the keyword `res`, so backward need not recompute it.
+
     Calling a primitive on numpy inputs returns numpy (no recording); on any
     Tensor input it returns a Tensor and records when a gradient is needed.
     """
 
-    __slots__ = ("name", "fwd", "vjp", "jvp", "__name__")
+    __slots__ = ("name", "fwd", "vjp", "jvp", "residual", "__name__")
 
     def __init__(
         self,
@@ -144,9 +148,11 @@ class Primitive:
         fwd: Callable,
         vjp: Sequence[Callable] | Callable | None = None,
         jvp: Sequence[Callable] | Callable | None = None,
+        residual: bool = False,
     ) -> None:
         self.name = self.__name__ = name
         self.fwd = fwd
+        self.residual = residual
         self.vjp = _RuleTable(vjp) if callable(vjp) else tuple(vjp or ())
         self.jvp = _RuleTable(jvp) if callable(jvp) else tuple(jvp or ())
 
@@ -156,7 +162,7 @@ class Primitive:
                 return apply(self, args, kw)
         if STATE.anomaly:
             return apply(self, args, kw).data
-        return self.fwd(*args, **kw)
+        return self.fwd(*args, **kw)[0] if self.residual else self.fwd(*args, **kw)
 
     def __repr__(self) -> str:
         return f"<primitive {self.name}>"
@@ -270,6 +276,9 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
     except (ValueError, IndexError, TypeError) as e:
         shapes = ", ".join(str(np.shape(d)) for d in datas)
         raise type(e)(f"{prim.name}: invalid inputs of shapes {shapes}: {e}") from None
+    res = None
+    if prim.residual:
+        y, res = y
     out = Tensor.__new__(Tensor)
     out.data = y
     out.grad = out._hooks = out._tangent = out._origin = None
@@ -291,7 +300,7 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
         out._prim = prim
         out._inputs = args
         out._vals = datas  # the input values, so backward need not gather them again
-        out._kw = kw
+        out._kw = kw if res is None else {**kw, "res": res}
         out._edges = edges
     if STATE.forward_active:
         _push_tangent(prim, args, datas, kw, out)
@@ -365,7 +374,7 @@ def _seed(root: Tensor, grad: Any, create_graph: bool):
             raise RuntimeError(
                 f"backward: output of shape {root.shape} is not a scalar; pass its cotangent "
                 "(an array of the same shape) as backward(grad)")
-        grad = np.ones_like(root.data)
+        grad = np.ones(root.data.shape, dtype=root.data.dtype)
     else:
         gdata = grad.data if isinstance(grad, Tensor) else np.asarray(grad, dtype=root.dtype)
         if gdata.shape != root.shape:
@@ -467,17 +476,17 @@ def _run_hooks(v: Tensor, g: Any) -> Any:
 
 
 def _accumulate_leaf(leaf: Tensor, g: Any) -> None:
-    if isinstance(g, Tensor):
-        g = g.data if not g.requires_grad else g
-    if not isinstance(g, (np.ndarray, Tensor)):
-        g = np.asarray(g)
-    if isinstance(g, np.ndarray):
+    if type(g) is not np.ndarray:
+        g = g.data if isinstance(g, Tensor) and not g.requires_grad else g
+        if not isinstance(g, (np.ndarray, Tensor)):
+            g = np.asarray(g)
+    if g.shape != leaf.data.shape:  # a rule bug would otherwise corrupt .grad silently
+        raise RuntimeError(f"backward: gradient of shape {g.shape} for a leaf of shape "
+                           f"{leaf.shape}")
+    if type(g) is np.ndarray:
         # Gradient arrays may be shared between leaves (the rule of a + b hands the same g to
         # both), so they are read-only: replace .grad, never update it in place.
         g.flags.writeable = False
-    if g.shape != leaf.shape:  # a rule bug would otherwise corrupt .grad silently
-        raise RuntimeError(f"backward: gradient of shape {g.shape} for a leaf of shape "
-                           f"{leaf.shape}")
     leaf.grad = g if leaf.grad is None else leaf.grad + g
 
 

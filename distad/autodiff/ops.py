@@ -53,6 +53,8 @@ def _sum_to_fwd(x, shape):
     if x.shape == shape:
         return x
     lead = x.ndim - len(shape)
+    if x.shape[lead:] == shape:  # only leading axes were broadcast (a bias): one reduction
+        return np.sum(x, axis=tuple(range(lead)))
     axes = tuple(range(lead)) + tuple(
         lead + i for i, s in enumerate(shape) if s == 1 and x.shape[lead + i] != 1)
     return np.sum(x, axis=axes, keepdims=True).reshape(shape)
@@ -192,7 +194,7 @@ cos = Primitive("cos", np.cos,         vjp=(lambda g, y, x: -g * sin(x),),      
 tanh = Primitive("tanh", np.tanh,      vjp=(lambda g, y, x: g * (1 - y * y),),      jvp=(lambda t, y, x: t * (1 - y * y),))
 sigmoid = Primitive("sigmoid", _sigmoid_fwd,
                                        vjp=(lambda g, y, x: g * y * (1 - y),),      jvp=(lambda t, y, x: t * y * (1 - y),))
-relu = Primitive("relu", lambda x: np.maximum(x, 0),
+relu = Primitive("relu", lambda x: np.maximum(x, x.dtype.type(0)),
                                        vjp=(lambda g, y, x: g * (_v(y) > 0),),      jvp=(lambda t, y, x: t * (_v(y) > 0),))
 abs = Primitive("abs", np.abs,         vjp=(lambda g, y, x: g * np.sign(_v(x)),),   jvp=(lambda t, y, x: t * np.sign(_v(x)),))
 maximum = Primitive("maximum", np.maximum,
@@ -331,6 +333,8 @@ def sum_to(x, shape):
     """Sum x down to `shape`, undoing numpy broadcasting (the VJP of broadcast_to)."""
     if x.shape == shape:
         return x
+    if type(x) is np.ndarray:  # first-order backward: no dispatch needed
+        return _sum_to_fwd(x, shape)
     return sum_to_p(x, shape=tuple(shape))
 
 

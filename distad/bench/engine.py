@@ -81,15 +81,21 @@ def numpy_hand_step(params, X, y, lr):
 
 
 def distad_step(params, X, y, lr):
-    """The same step written with distad: forward on Tensors, backward(), SGD in place."""
-    ps = [ad.tensor(p, requires_grad=True) for p in params]
+    """The same step written with distad: forward on Tensors, backward(), SGD in place.
+
+    Layers use `ad.nn.functional.linear` (what `nn.Linear` runs), so weights are
+    stored (out, in) as in PyTorch: the same numbers, transposed.
+    """
+    ps = [ad.tensor(np.ascontiguousarray(p.T) if p.ndim == 2 else p, requires_grad=True)
+          for p in params]
     L = len(ps) // 2
-    cross_entropy = ad.nn.functional.cross_entropy
+    F = ad.nn.functional
+    cross_entropy = F.cross_entropy
 
     def step():
         h = X
         for i in range(L):
-            h = h @ ps[2 * i] + ps[2 * i + 1]
+            h = F.linear(h, ps[2 * i], ps[2 * i + 1])
             if i < L - 1:
                 h = ad.relu(h)
         loss = cross_entropy(h, y)

@@ -83,17 +83,28 @@ def _ce_reduce(per_row, reduction: str):
 
 
 def _ce_fwd(x, labels, smoothing, reduction):
+    """(loss, log-probabilities): the log-probabilities are the residual backward reuses."""
     z = x - x.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     per_row = -logp[np.arange(len(labels)), labels]
     if smoothing:
         per_row = (1.0 - smoothing) * per_row - (smoothing / x.shape[1]) * logp.sum(axis=1)
-    return _ce_reduce(per_row, reduction)
+    return _ce_reduce(per_row, reduction), logp
 
 
-def _ce_dlogits(x, labels, smoothing: float):
-    """d loss_i / d logits_i = softmax(x_i) - q_i (before the reduction)."""
-    return softmax(x, axis=-1) - _ce_target(x, labels, smoothing)
+def _ce_dlogits(x, labels, smoothing: float, res=None):
+    """d loss_i / d logits_i = softmax(x_i) - q_i (before the reduction).
+
+    First order, it comes from the forward's log-probabilities in three numpy
+    calls; on Tensors (higher order) it is recomputed differentiably from x.
+    """
+    if res is None or isinstance(x, Tensor):
+        return softmax(x, axis=-1) - _ce_target(x, labels, smoothing)
+    d = np.exp(res)
+    if smoothing:
+        d -= smoothing / d.shape[1]
+    d[np.arange(len(labels)), labels] -= 1.0 - smoothing
+    return d
 
 
 def _ce_row_scale(g, n: int, reduction: str):
@@ -224,9 +235,9 @@ linear_p = Primitive("linear", _linear_fwd,
 gelu_p = Primitive("gelu", _gelu_fwd,
     vjp=(lambda g, y, x: g * _gelu_slope(x),),
     jvp=(lambda t, y, x: t * _gelu_slope(x),))
-cross_entropy_p = Primitive("cross_entropy", _ce_fwd,
-    vjp=(lambda g, y, x, labels, smoothing, reduction:
-         _ce_row_scale(g, len(labels), reduction) * _ce_dlogits(x, labels, smoothing),),
+cross_entropy_p = Primitive("cross_entropy", _ce_fwd, residual=True,
+    vjp=(lambda g, y, x, labels, smoothing, reduction, res=None:
+         _ce_row_scale(g, len(labels), reduction) * _ce_dlogits(x, labels, smoothing, res),),
     jvp=(lambda t, y, x, labels, smoothing, reduction:
          _ce_reduce((_ce_dlogits(x, labels, smoothing) * t).sum(-1), reduction),))
 im2col_p = Primitive("im2col", _im2col_fwd,
