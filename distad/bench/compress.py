@@ -1,0 +1,162 @@
+"""``distad bench compress``: encode + decode throughput of every compressor.
+
+For each compressor and bucket size, times ``decompress(compress(x))`` on a float32 bucket of
+standard normal values and, in the same round, ``np.copyto`` of the same buffer into a
+preallocated one (the reference: the cheapest pass over the data numpy can make). Rounds are
+interleaved (copy, then each compressor, repeated), and the median of the repeats is reported
+as GB/s of float32 input processed and as a ratio to the copy. Single process, no MPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from distad.compress import get
+
+#: One spec per compressor (and per option that changes its kernel).
+DEFAULT_SPECS = (
+    "none",
+    "fp16",
+    "bf16",
+    "int8",
+    "int8:stochastic",
+    "qsgd:16",
+    "terngrad",
+    "sign",
+    "efsign",
+    "onebit",
+    "topk:0.01",
+    "randk:0.01",
+    "threshold:0.001",
+    "powersgd:2",
+)
+
+
+def parse_size(text: str) -> int:
+    """'16M' -> 16 * 2**20, '64K' -> 64 * 2**10, '1000' -> 1000 (elements)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1M, 4M, 16M)") from None
+
+
+def format_size(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(spec: str, n: int, repeats: int, seed: int = 0) -> dict[str, float | int | str]:
+    """Median seconds of encode+decode of ``spec`` and of np.copyto on the same n floats."""
+    compressor = get(spec).compressor
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n, dtype=np.float32)
+    dst = np.empty_like(x)
+    np.copyto(dst, x)  # fault the destination's pages in before timing
+
+    def round_trip() -> np.ndarray:
+        return compressor.decompress(compressor.compress(x, rng), n)
+
+    round_trip()  # warm-up
+    copies, codecs = [], []
+    for _ in range(repeats):
+        copies.append(_seconds(lambda: np.copyto(dst, x)))
+        codecs.append(_seconds(round_trip))
+    codec, copy = statistics.median(codecs), statistics.median(copies)
+    return {
+        "spec": spec,
+        "n": n,
+        "wire_bytes": compressor.wire_bytes(n),
+        "codec_s": codec,
+        "copy_s": copy,
+    }
+
+
+def markdown_table(rows: Sequence[dict[str, float | int | str]]) -> str:
+    """The measurements as a markdown table, with the copy reference beside every figure."""
+    lines = [
+        "| compressor | floats | wire bytes | size ratio | encode+decode ms | GB/s "
+        "| copy GB/s | vs copy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        n, codec, copy = int(r["n"]), float(r["codec_s"]), float(r["copy_s"])
+        gbs, copy_gbs = 4 * n / codec / 1e9, 4 * n / copy / 1e9
+        lines.append(
+            f"| {r['spec']} | {format_size(n)} | {int(r['wire_bytes']):,} "
+            f"| {4 * n / int(r['wire_bytes']):.1f}x | {codec * 1e3:.1f} | {gbs:.2f} "
+            f"| {copy_gbs:.1f} | {copy / codec:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU model, core count, Python and numpy versions, BLAS thread settings."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
+    return (
+        f"{model}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+        f"numpy {np.__version__}; OPENBLAS_NUM_THREADS={threads}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print a markdown table; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="distad bench compress",
+        description="Encode+decode throughput of each compressor, beside np.copyto.",
+    )
+    parser.add_argument(
+        "--sizes",
+        default="1M,4M,16M",
+        help="comma-separated bucket sizes in float32 elements (default: 1M,4M,16M)",
+    )
+    parser.add_argument(
+        "--specs",
+        default=",".join(DEFAULT_SPECS),
+        help="comma-separated compressor specs (default: one per compressor)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default: 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    specs = [s.strip() for s in args.specs.split(",") if s.strip()]
+    if args.repeats < 1 or not sizes or not specs:
+        parser.error("need at least one size, one spec and one repeat")
+    for spec in specs:  # reject a bad spec before spending time on the others
+        try:
+            get(spec)
+        except ValueError as e:
+            parser.error(str(e))
+    rows = [measure(spec, n, args.repeats, args.seed) for n in sizes for spec in specs]
+    print(f"machine: {machine()}")
+    print(f"median of {args.repeats} interleaved rounds\n")
+    print(markdown_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
