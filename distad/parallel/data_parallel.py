@@ -194,7 +194,8 @@ class DataParallel(Module):
 
     def _reduce(self, bucket: Bucket) -> dict:
         t = time.perf_counter()
-        report = self.sync.reduce(bucket.buffer, bucket.index)
+        report = self.sync.reduce(bucket.buffer, bucket.index,
+                                  shapes=[tuple(p.shape) for p in bucket.params])
         report["start"], report["end"], report["bucket"] = t, time.perf_counter(), bucket.index
         return report
 

@@ -10,11 +10,14 @@ float Allreduce lives here; compressed strategies come from `distad.compress`
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ..comm import Communicator
+
+if TYPE_CHECKING:
+    from ..compress import GradientCompression
 
 
 class GradientSync(Protocol):
@@ -27,8 +30,12 @@ class GradientSync(Protocol):
 
     prescale: float
 
-    def reduce(self, buffer: np.ndarray, key: int) -> dict[str, Any]:
-        """Replace `buffer` by its mean over ranks; return {"bytes_sent", "<phase>_s", ...}."""
+    def reduce(self, buffer: np.ndarray, key: int,
+               shapes: list[tuple[int, ...]] | None = None) -> dict[str, Any]:
+        """Replace `buffer` by its mean over ranks; return {"bytes_sent", "<phase>_s", ...}.
+
+        `key` names the bucket (the same on every rank), `shapes` the tensors packed in it.
+        """
         ...
 
     def state_dict(self) -> dict[str, np.ndarray]: ...
@@ -45,7 +52,8 @@ class AllreduceMean:
         self.comm = comm
         self.prescale = 1.0 / comm.size
 
-    def reduce(self, buffer: np.ndarray, key: int) -> dict[str, Any]:
+    def reduce(self, buffer: np.ndarray, key: int,
+               shapes: list[tuple[int, ...]] | None = None) -> dict[str, Any]:
         """Sum the (pre-divided) buffer over ranks in place: the mean."""
         if self.comm.size == 1:
             return {"bytes_sent": 0, "communicate_s": 0.0}
@@ -61,11 +69,52 @@ class AllreduceMean:
             raise ValueError(f"AllreduceMean has no state, got keys {sorted(state)}")
 
 
+class CompressedSync:
+    """Averaging through `distad.compress`: compressor x memory x aggregation, per bucket.
+
+    The gradient is handed over as is (prescale 1): the aggregation strategy
+    decides where to divide. Reports the exact bytes this rank passed to MPI.
+    """
+
+    prescale = 1.0
+
+    def __init__(self, compression: GradientCompression, comm: Communicator) -> None:
+        self.compression = compression
+        self.comm = comm
+        self.name = compression.spec
+
+    def reduce(self, buffer: np.ndarray, key: int,
+               shapes: list[tuple[int, ...]] | None = None) -> dict[str, Any]:
+        t = time.perf_counter()
+        result = self.compression.reduce_bucket(self.comm, key, buffer, shapes=shapes)
+        np.copyto(buffer, result.mean)
+        report = {"bytes_sent": result.bytes_sent, "strategy": result.strategy,
+                  "communicate_s": time.perf_counter() - t}
+        for phase in ("compress_s", "decompress_s"):
+            if getattr(result, phase, None) is not None:
+                report[phase] = getattr(result, phase)
+                report["communicate_s"] -= getattr(result, phase)
+        return report
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.compression.state_dict()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.compression.load_state_dict(state)
+
+
 def make_sync(compressor: Any, comm: Communicator) -> GradientSync:
-    """The strategy for `compressor`: None or "none" is the exact Allreduce; a spec string or
-    a `distad.compress` object gives a compressed strategy."""
+    """The strategy for `compressor`: None or "none" is the exact Allreduce; a spec string
+    (see `distad.compress.get`), a GradientCompression or a Compressor gives a compressed one."""
     if compressor is None or compressor == "none":
         return AllreduceMean(comm)
-    from ..compress import make_gradient_sync  # compress sits beside comm, below parallel
+    from .. import compress  # compress sits beside comm, below parallel
 
-    return make_gradient_sync(compressor, comm)
+    if isinstance(compressor, str):
+        compressor = compress.get(compressor)
+    elif isinstance(compressor, compress.Compressor):
+        compressor = compress.GradientCompression(compressor)
+    if not isinstance(compressor, compress.GradientCompression):
+        raise TypeError(f"make_sync: expected a spec string, Compressor or GradientCompression, "
+                        f"got {type(compressor).__name__}")
+    return CompressedSync(compressor, comm)
