@@ -158,6 +158,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     gc.freeze()
     gc.disable()
     t_start, window = time.perf_counter(), []
+    phases = dict.fromkeys(("bytes_sent", "compress_s", "communicate_s", "decompress_s",
+                            "wait_s"), 0.0)
     test_loss = test_acc = float("nan")
     try:
         while step < total_steps:
@@ -191,6 +193,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                 comm.allreduce(local, out=local)
                 dt = time.perf_counter() - t0
                 window.append((dt, local[2]))
+                for k in phases:
+                    phases[k] += getattr(dp.stats, k)
                 if cfg.gc_every and step % cfg.gc_every == 0:
                     gc.collect()
                 record = {"step": step, "epoch": epoch, "loss": local[0] / local[2],
@@ -227,10 +231,16 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
         dp.close()
     elapsed = time.perf_counter() - t_start
     steps_s = [w[0] for w in window]
+    n_steps = max(len(window), 1)
+    per_step = {k: v / n_steps for k, v in phases.items()}
+    dense = sum(b.nbytes for b in dp.buckets) if comm.size > 1 else 0
     summary = {"ranks": comm.size, "steps": step, "test_loss": test_loss, "test_acc": test_acc,
                "seconds": elapsed, "median_step_s": float(np.median(steps_s)) if steps_s else 0,
+               "mean_step_s": float(np.mean(steps_s)) if steps_s else 0,
                "samples_per_s": sum(w[1] for w in window) / max(sum(steps_s), 1e-12),
-               "parameters": int(sum(p.size for p in params)), "config": cfg.as_dict()}
+               "parameters": int(sum(p.size for p in params)), "compress": cfg.compress,
+               "bytes_per_step": per_step.pop("bytes_sent"), "dense_bytes_per_step": dense,
+               **{f"{k}_per_step": v for k, v in per_step.items()}, "config": cfg.as_dict()}
     if cfg.out and comm.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
