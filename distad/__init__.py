@@ -5,8 +5,12 @@
 `ad.compress` and `ad.parallel` are the layers built on it.
 """
 
-from .autodiff import *  # noqa: F403 — the engine's public API is distad's top level
-from .autodiff import __all__ as _engine_all
+from ._threads import limit_blas_threads
+
+limit_blas_threads()  # before numpy loads (see _threads.py)
+
+from .autodiff import *  # noqa: E402, F403 — the engine's public API is distad's top level
+from .autodiff import __all__ as _engine_all  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = list(_engine_all)
