@@ -89,10 +89,14 @@ def _train(args, env, mpiexec=None, ranks=1, timeout=240):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks,spec", [(1, "none"), (2, "none"), (2, "topk:0.05+ef"),
+                                        (2, "powersgd:2+ef")])
 def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
-        tmp_path, mpiexec, launch_env, ranks):
-    common = ["--epochs", "3", "--batch-size", "16", "--hidden", "32", "--checkpoint-every", "7"]
+        tmp_path, mpiexec, launch_env, ranks, spec):
+    """Compressed runs included: error-feedback residuals, PowerSGD's Q and the compressor's
+    random streams are run state, checkpointed per rank."""
+    common = ["--epochs", "3", "--batch-size", "16", "--hidden", "32", "--checkpoint-every", "7",
+              "--compress", spec]
     full = _train([*common, "--out", str(tmp_path / "full")], launch_env, mpiexec, ranks)
     assert full.returncode == 0, full.stderr
     ck = str(tmp_path / "ck")

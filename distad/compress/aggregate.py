@@ -1,0 +1,559 @@
+"""Aggregation strategies: the only code that calls MPI for gradients.
+
+Each strategy takes a communicator (an ``mpi4py.MPI.Comm``, or any object whose ``.mpi`` is
+one, such as ``distad.comm.Communicator``), one rank's bucket (1-D float32, the same n on every
+rank) and a compressor, and returns an :class:`Aggregated`: the mean over ranks as float32,
+identical on every rank, and the exact bytes this rank passed to MPI. Only buffer-based
+collectives with built-in operations are used (never pickle, never a Python ``MPI.Op``).
+
+Strategies, by name:
+
+- ``allreduce``: summable payloads, Allreduce with MPI.SUM on the widened dtype.
+- ``dense_allreduce``: decompress locally, Allreduce the float32 result (any compressor).
+- ``allgather``: Allgather (Allgatherv for variable sizes) of the payload bytes, then every
+  rank decompresses and sums all payloads in float32.
+- ``two_phase``: split into p chunks, compress each, Alltoallv, reduce one's own chunk,
+  re-compress it, Allgatherv; about 2 wire_bytes(n) per rank whatever p is.
+- ``majority``: signSGD's majority vote on the packed sign bits.
+- ``powersgd``: PowerSGD's two allreduces (P, then Q) with a warm-started Q.
+
+``choose_aggregation`` picks among the strategies whose result is the exact mean of the ranks'
+decompressed payloads (allreduce, allgather, dense_allreduce) with an alpha-beta cost model;
+two_phase (which compresses twice) and majority are used when asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .base import Compressor, Payload, check_bucket
+from .powersgd import PowerSGD, as_matrix, orthogonalise
+
+STRATEGIES = ("allreduce", "dense_allreduce", "allgather", "two_phase", "majority", "powersgd")
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """The result of aggregating one bucket.
+
+    ``mean``: float32 (n,), the average over ranks (for ``majority``, the vote in {-1, 0, 1}),
+    identical on every rank. ``bytes_sent`` / ``bytes_received``: the sum of ``nbytes`` of the
+    send / receive buffers this rank passed to MPI in this call (an in-place Allreduce counts
+    its buffer as both). ``sent``: what this rank's own contribution decompresses to, float32
+    (n,), when asked for (error feedback needs it), else None. ``state``: run state to hand to
+    the next call for this bucket (PowerSGD's Q), else None.
+    """
+
+    mean: np.ndarray
+    strategy: str
+    bytes_sent: int
+    bytes_received: int
+    sent: np.ndarray | None = None
+    state: np.ndarray | None = None
+
+
+def mpi_comm(comm: Any) -> Any:
+    """The mpi4py communicator behind ``comm`` (its ``.mpi`` if it has one)."""
+    return getattr(comm, "mpi", comm)
+
+
+def _mpi():
+    # Imported on first use, so that compressors and their benchmark run without MPI.
+    from mpi4py import MPI
+
+    return MPI
+
+
+class _Traffic:
+    """The communicator plus a count of the bytes of every buffer handed to MPI."""
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = mpi_comm(comm)
+        self.size = self.comm.Get_size()
+        self.rank = self.comm.Get_rank()
+        self.sent = 0
+        self.received = 0
+        self.MPI = _mpi()
+
+    def _op(self, op: str):
+        return {"sum": self.MPI.SUM, "max": self.MPI.MAX}[op]
+
+    def allreduce(self, send: np.ndarray, op: str) -> np.ndarray:
+        recv = np.empty_like(send)
+        self.comm.Allreduce(send, recv, op=self._op(op))
+        self.sent += send.nbytes
+        self.received += recv.nbytes
+        return recv
+
+    def allreduce_in_place(self, buf: np.ndarray, op: str) -> np.ndarray:
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self._op(op))
+        self.sent += buf.nbytes
+        self.received += buf.nbytes
+        return buf
+
+    def exchange_counts(self, counts: Sequence[int], personal: bool) -> list[int]:
+        """Sizes before a v-collective, as int64: Allgather of this rank's one count, or
+        (``personal``) Alltoall of one count per destination."""
+        send = np.array(counts, np.int64)
+        recv = np.empty(self.size, np.int64)
+        (self.comm.Alltoall if personal else self.comm.Allgather)(send, recv)
+        self.sent += send.nbytes
+        self.received += recv.nbytes
+        return [int(c) for c in recv]
+
+    def allgatherv(self, buf: np.ndarray, counts: Sequence[int] | None) -> list[np.ndarray]:
+        """Every rank's uint8 buffer, in rank order; counts None means all are buf's size."""
+        byte = self.MPI.BYTE
+        if counts is None:
+            recv = np.empty(self.size * buf.size, np.uint8)
+            self.comm.Allgather([buf, byte], [recv, byte])
+            counts = [buf.size] * self.size
+        else:
+            recv = np.empty(sum(counts), np.uint8)
+            self.comm.Allgatherv([buf, byte], [recv, counts, _displacements(counts), byte])
+        self.sent += buf.nbytes
+        self.received += recv.nbytes
+        return _split(recv, counts)
+
+    def alltoallv(self, send: np.ndarray, send_counts: Sequence[int], recv_counts: Sequence[int]):
+        byte = self.MPI.BYTE
+        recv = np.empty(sum(recv_counts), np.uint8)
+        self.comm.Alltoallv(
+            [send, send_counts, _displacements(send_counts), byte],
+            [recv, recv_counts, _displacements(recv_counts), byte],
+        )
+        self.sent += send.nbytes
+        self.received += recv.nbytes
+        return _split(recv, recv_counts)
+
+    def result(self, mean, strategy, sent=None, state=None) -> Aggregated:
+        return Aggregated(mean, strategy, self.sent, self.received, sent, state)
+
+
+def _displacements(counts: Sequence[int]) -> list[int]:
+    return [0, *np.cumsum(counts[:-1], dtype=np.int64).tolist()]
+
+
+def _split(buf: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
+    ends = np.cumsum(counts).tolist()
+    return [buf[end - c : end] for c, end in zip(counts, ends)]
+
+
+def _shared_meta(t: _Traffic, compressor: Compressor, x: np.ndarray) -> dict[str, Any] | None:
+    """Agree on the shared scale (Allreduce MAX of each rank's local scale), if one is needed.
+
+    A NaN local scale is sent as +inf, so every rank gets the same non-finite scale (MAX over
+    NaN is not defined by MPI) and every rank's decompression yields NaN.
+    """
+    if not compressor.needs_shared_scale:
+        return None
+    local = np.array([compressor.local_scale(x)], np.float32)
+    if np.isnan(local[0]):
+        local[0] = np.inf
+    return {"scale": t.allreduce(local, "max")[0]}
+
+
+def _check_size(compressor: Compressor, payload: Payload, n: int, op: str) -> None:
+    if compressor.fixed_size and payload.nbytes != compressor.wire_bytes(n):
+        raise RuntimeError(
+            f"{op}: {compressor.spec} produced {payload.nbytes} bytes for n={n}, "
+            f"wire_bytes says {compressor.wire_bytes(n)}"
+        )
+
+
+def _mean_in_place(total: np.ndarray, count: int) -> np.ndarray:
+    np.divide(total, np.float32(count), out=total)
+    return total
+
+
+def allreduce_payloads(
+    comm: Any,
+    x: np.ndarray,
+    compressor: Compressor,
+    rng: np.random.Generator | None = None,
+    *,
+    need_sent: bool = False,
+) -> Aggregated:
+    """``allreduce``: Allreduce(SUM) of a summable payload on its widened dtypes, then decode.
+
+    Shared scales are agreed first (one Allreduce MAX of a float32). Compressors with
+    ``divide_before_sum`` (fp16) compress x / p, so that the low-precision sum is already the
+    mean and cannot overflow; the others are summed (integers exactly) and divided after
+    decoding.
+    """
+    x = check_bucket(x, "allreduce")
+    if not compressor.summable:
+        raise ValueError(f"allreduce: {compressor.spec} payloads are not summable")
+    t = _Traffic(comm)
+    p, n = t.size, x.size
+    meta = _shared_meta(t, compressor, x)
+    divide = compressor.divide_before_sum and p > 1
+    payload = compressor.compress(x / np.float32(p) if divide else x, rng, meta)
+    _check_size(compressor, payload, n, "allreduce")
+    sent = None
+    if need_sent:
+        sent = compressor.decompress(payload, n)
+        if divide:
+            sent = sent * np.float32(p)
+    sums = []
+    for a, dtype in zip(payload.arrays, compressor.sum_dtypes(p)):
+        if a.dtype != dtype:
+            sums.append(t.allreduce_in_place(a.astype(dtype), "sum"))
+        elif np.may_share_memory(a, x) or (sent is not None and np.may_share_memory(a, sent)):
+            sums.append(t.allreduce(a, "sum"))
+        else:
+            sums.append(t.allreduce_in_place(a, "sum"))
+    mean = compressor.decompress(Payload(tuple(sums), payload.meta), n)
+    if not divide:
+        mean = _mean_in_place(mean, p) if not np.may_share_memory(mean, x) else mean / np.float32(p)
+    return t.result(mean, "allreduce", sent)
+
+
+def dense_allreduce(
+    comm: Any,
+    x: np.ndarray,
+    compressor: Compressor,
+    rng: np.random.Generator | None = None,
+    *,
+    need_sent: bool = False,
+) -> Aggregated:
+    """``dense_allreduce``: decompress this rank's payload and Allreduce(SUM) it as float32.
+
+    Costs 4n bytes like no compression, but keeps the compressor's numerics; for a sparse
+    payload of density above about 1/p it is cheaper than allgather.
+    """
+    x = check_bucket(x, "dense_allreduce")
+    t = _Traffic(comm)
+    meta = _shared_meta(t, compressor, x)
+    dense = compressor.decompress(compressor.compress(x, rng, meta), x.size)
+    if need_sent or np.may_share_memory(dense, x):
+        total = t.allreduce(dense, "sum")
+    else:
+        total = t.allreduce_in_place(dense, "sum")
+    return t.result(_mean_in_place(total, t.size), "dense_allreduce", dense if need_sent else None)
+
+
+def allgather_payloads(
+    comm: Any,
+    x: np.ndarray,
+    compressor: Compressor,
+    rng: np.random.Generator | None = None,
+    *,
+    need_sent: bool = False,
+) -> Aggregated:
+    """``allgather``: gather every rank's payload bytes, decompress and sum them in float32.
+
+    Fixed-size payloads use one Allgather; variable ones (threshold) first Allgather their
+    sizes (8 bytes per rank), then Allgatherv. Each rank receives p payloads.
+    """
+    x = check_bucket(x, "allgather")
+    t = _Traffic(comm)
+    n = x.size
+    meta = _shared_meta(t, compressor, x)
+    payload = compressor.compress(x, rng, meta)
+    _check_size(compressor, payload, n, "allgather")
+    buf = payload.to_bytes()
+    counts = None if compressor.fixed_size else t.exchange_counts([buf.size], personal=False)
+    total = np.zeros(n, np.float32)
+    for block in t.allgatherv(buf, counts):
+        compressor.accumulate(compressor.unpack(block, n, payload.meta), total)
+    sent = compressor.decompress(payload, n) if need_sent else None
+    return t.result(_mean_in_place(total, t.size), "allgather", sent)
+
+
+def two_phase_exchange(
+    comm: Any,
+    x: np.ndarray,
+    compressor: Compressor,
+    rng: np.random.Generator | None = None,
+    *,
+    need_sent: bool = False,
+) -> Aggregated:
+    """``two_phase``: compressed reduce-scatter, then compressed allgather.
+
+    The bucket is cut into p chunks, chunk j = x[j n // p : (j + 1) n // p]; each is compressed
+    (in chunk order, so a shared rng stays in step) and sent to rank j with one Alltoallv. Rank
+    j decompresses the p payloads of its chunk, averages them in float32, compresses the mean
+    again under the shared metadata of phase one (the shared scale, or random-k's indices, so
+    every rank can decode it) and one Allgatherv gives everyone every reduced chunk. Bytes per
+    rank stay near 2 wire_bytes(n) for any p. The re-compression error is not fed back into
+    error feedback (``sent`` holds the phase-one contribution only). Buckets with fewer
+    elements than ranks go through ``allgather``.
+    """
+    x = check_bucket(x, "two_phase")
+    if compressor.multi_round:
+        raise ValueError(f"two_phase: {compressor.spec} needs its own multi-round exchange")
+    if x.size < mpi_comm(comm).Get_size():
+        return allgather_payloads(comm, x, compressor, rng, need_sent=need_sent)
+    t = _Traffic(comm)
+    p, me, n = t.size, t.rank, x.size
+    bounds = [j * n // p for j in range(p + 1)]
+    sizes = [bounds[j + 1] - bounds[j] for j in range(p)]
+    meta = _shared_meta(t, compressor, x)
+    parts = [compressor.compress(x[bounds[j] : bounds[j + 1]], rng, meta) for j in range(p)]
+    for part, size in zip(parts, sizes):
+        _check_size(compressor, part, size, "two_phase")
+    send_counts = [part.nbytes for part in parts]
+    if compressor.fixed_size:
+        recv_counts = [compressor.wire_bytes(sizes[me])] * p
+    else:
+        recv_counts = t.exchange_counts(send_counts, personal=True)
+    send = np.concatenate([part.to_bytes() for part in parts])
+    mine = np.zeros(sizes[me], np.float32)
+    for block in t.alltoallv(send, send_counts, recv_counts):
+        compressor.accumulate(compressor.unpack(block, sizes[me], parts[me].meta), mine)
+    reduced = compressor.compress(_mean_in_place(mine, p), rng, parts[me].meta)
+    if compressor.fixed_size:
+        counts = [compressor.wire_bytes(s) for s in sizes]
+    else:
+        counts = t.exchange_counts([reduced.nbytes], personal=False)
+    out = np.empty(n, np.float32)
+    for j, block in enumerate(t.allgatherv(reduced.to_bytes(), counts)):
+        chunk = compressor.unpack(block, sizes[j], parts[j].meta)
+        out[bounds[j] : bounds[j + 1]] = compressor.decompress(chunk, sizes[j])
+    sent = None
+    if need_sent:
+        sent = np.concatenate([compressor.decompress(pt, s) for pt, s in zip(parts, sizes)])
+    return t.result(out, "two_phase", sent)
+
+
+def majority_vote(
+    comm: Any,
+    x: np.ndarray,
+    compressor: Compressor,
+    rng: np.random.Generator | None = None,
+    *,
+    need_sent: bool = False,
+) -> Aggregated:
+    """``majority``: signSGD with majority vote (Bernstein et al. 2018).
+
+    Every rank's packed sign bits are allgathered (ceil(n / 8) bytes each); the result is
+    sign(sum of the ranks' ±1) as float32, 0 where the vote is tied.
+    """
+    x = check_bucket(x, "majority")
+    if not compressor.majority_vote:
+        raise ValueError(f"majority: {compressor.spec} does not send packed sign bits")
+    t = _Traffic(comm)
+    n = x.size
+    payload = compressor.compress(x, rng)
+    _check_size(compressor, payload, n, "majority")
+    ones = np.zeros(n, np.int32)
+    for block in t.allgatherv(payload.arrays[0], None):
+        ones += np.unpackbits(block, count=n)
+    twice = 2 * ones
+    vote = (twice > t.size).astype(np.float32)
+    vote -= twice < t.size
+    sent = compressor.decompress(payload, n) if need_sent else None
+    return t.result(vote, "majority", sent)
+
+
+def powersgd_exchange(
+    comm: Any,
+    x: np.ndarray,
+    compressor: PowerSGD,
+    rng: np.random.Generator | None = None,
+    *,
+    state: np.ndarray | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
+    need_sent: bool = False,
+) -> Aggregated:
+    """``powersgd``: rank-r PowerSGD as two explicit allreduce rounds.
+
+    For each matrix M of ``compressor.plan(n, shapes)`` worth compressing, with Q (cols, r) the
+    warm start from ``state`` (or, on the first call, standard normal draws from ``rng``, which
+    must be in the same state on every rank):
+
+    1. P = M Q; one Allreduce(SUM) of every P together with the uncompressed tensors; / p;
+    2. P = orthogonalise(P) (reduced QR, identical on all ranks);
+    3. Q = M^T P; one Allreduce(SUM) of every Q; / p;
+    4. mean M ~ P Q^T.
+
+    ``state`` of the result is the averaged Q (flat float32), the next call's warm start;
+    ``sent`` is this rank's P (M^T P)^T (Vogels et al.'s per-rank error-feedback term).
+    """
+    x = check_bucket(x, "powersgd")
+    if not isinstance(compressor, PowerSGD):
+        raise ValueError(f"powersgd: needs a PowerSGD compressor, got {compressor.spec}")
+    t = _Traffic(comm)
+    p, n, r = t.size, x.size, compressor.rank
+    blocks = compressor.plan(n, shapes)
+    low_rank = [b for b in blocks if b.compressed]
+    dense = [b for b in blocks if not b.compressed]
+    q_size = compressor.q_size(blocks)
+    if state is None or state.size != q_size:
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError("powersgd: the first call needs a shared np.random.Generator for Q")
+        state = rng.standard_normal(q_size, dtype=np.float32)
+    matrices = [as_matrix(x, b) for b in low_rank]
+    qs = _views(state, [(b.cols, r) for b in low_rank])
+
+    round1 = np.empty(sum(b.rows * r for b in low_rank) + sum(b.size for b in dense), np.float32)
+    ps = _views(round1, [(b.rows, r) for b in low_rank])
+    for m, q, out in zip(matrices, qs, ps):
+        np.matmul(m, q, out=out)
+    offset = sum(b.rows * r for b in low_rank)
+    for b in dense:
+        round1[offset : offset + b.size] = x[b.start : b.start + b.size]
+        offset += b.size
+    _mean_in_place(t.allreduce_in_place(round1, "sum"), p)
+    ps = [orthogonalise(pm) for pm in ps]
+
+    round2 = np.empty(q_size, np.float32)
+    new_qs = _views(round2, [(b.cols, r) for b in low_rank])
+    for m, pm, out in zip(matrices, ps, new_qs):
+        np.matmul(m.T, pm, out=out)
+    sent = np.array(x, copy=True) if need_sent else None
+    if sent is not None:  # the local term, from this rank's Q before it is averaged
+        for b, pm, q in zip(low_rank, ps, new_qs):
+            sent[b.start : b.start + b.size] = (pm @ q.T).reshape(-1)[: b.size]
+    if low_rank:
+        _mean_in_place(t.allreduce_in_place(round2, "sum"), p)
+
+    mean = np.empty(n, np.float32)
+    for b, pm, q in zip(low_rank, ps, new_qs):
+        mean[b.start : b.start + b.size] = (pm @ q.T).reshape(-1)[: b.size]
+    offset = sum(b.rows * r for b in low_rank)
+    for b in dense:
+        mean[b.start : b.start + b.size] = round1[offset : offset + b.size]
+        offset += b.size
+    return t.result(mean, "powersgd", sent, round2)
+
+
+def _views(flat: np.ndarray, shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Consecutive views of a flat array with the given 2-D shapes."""
+    views, offset = [], 0
+    for rows, cols in shapes:
+        views.append(flat[offset : offset + rows * cols].reshape(rows, cols))
+        offset += rows * cols
+    return views
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """An alpha-beta model of collective time: alpha s per message step, beta s per byte.
+
+    Defaults: alpha = 20 us, beta = 0.8 ns/byte (10 Gbit/s). Per rank, for p ranks, B bytes
+    and L = ceil(log2 p): allreduce min(ring 2 (p-1) alpha + 2 (p-1)/p B beta, recursive
+    doubling L (alpha + B beta)); allgather of B per rank L alpha + (p-1) B beta; Alltoall of
+    B in total (p-1) alpha + (p-1)/p B beta; a 4-byte scale agreement L alpha. For a large
+    sparse payload of density d (8 bytes per kept element), allgather beats the dense float32
+    allreduce when d < 1/p.
+    """
+
+    alpha: float = 20e-6
+    beta: float = 1 / 1.25e9
+
+    def allreduce(self, nbytes: float, p: int) -> float:
+        ring = 2 * (p - 1) * self.alpha + 2 * (p - 1) / p * nbytes * self.beta
+        return min(ring, _steps(p) * (self.alpha + nbytes * self.beta))
+
+    def allgather(self, nbytes: float, p: int) -> float:
+        return _steps(p) * self.alpha + (p - 1) * nbytes * self.beta
+
+    def alltoall(self, nbytes: float, p: int) -> float:
+        return (p - 1) * self.alpha + (p - 1) / p * nbytes * self.beta
+
+    def seconds(self, strategy: str, compressor: Compressor, n: int, p: int) -> float:
+        """Modelled time of ``strategy`` for one bucket of n elements on p ranks."""
+        if p <= 1:
+            return 0.0
+        wire = compressor.wire_bytes(n)
+        extra = _steps(p) * self.alpha if compressor.needs_shared_scale else 0.0
+        if not compressor.fixed_size:
+            extra += _steps(p) * self.alpha  # the size exchange before Allgatherv
+        if strategy == "allreduce":
+            layout = compressor.wire_layout(n)
+            dtypes = compressor.sum_dtypes(p)
+            summed = sum(dt.itemsize * count for dt, (_, count) in zip(dtypes, layout))
+            return extra + self.allreduce(summed, p)
+        if strategy == "dense_allreduce":
+            return extra + self.allreduce(4 * n, p)
+        if strategy in ("allgather", "majority"):
+            return extra + self.allgather(wire, p)
+        if strategy == "two_phase":
+            return 2 * extra + self.alltoall(wire, p) + self.allgather(wire / p, p)
+        if strategy == "powersgd":
+            return sum(
+                self.allreduce(np.dtype(dt).itemsize * c, p) for dt, c in compressor.wire_layout(n)
+            )
+        raise ValueError(f"CostModel.seconds: unknown strategy {strategy!r}; valid: {STRATEGIES}")
+
+
+def _steps(p: int) -> int:
+    return math.ceil(math.log2(p)) if p > 1 else 0
+
+
+def check_strategy(strategy: str, compressor: Compressor) -> None:
+    """Raise ValueError if ``strategy`` cannot aggregate ``compressor``'s payloads."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown aggregation {strategy!r}; valid: auto, {', '.join(STRATEGIES)}")
+    if compressor.multi_round != (strategy == "powersgd"):
+        raise ValueError(
+            f"aggregation {strategy!r} cannot carry {compressor.spec}: PowerSGD and only "
+            "PowerSGD uses the 'powersgd' exchange"
+        )
+    if strategy == "allreduce" and not compressor.summable:
+        raise ValueError(
+            f"aggregation 'allreduce' needs summable payloads; {compressor.spec} is not"
+        )
+    if strategy == "majority" and not compressor.majority_vote:
+        raise ValueError(f"aggregation 'majority' needs sign bits; {compressor.spec} sends none")
+
+
+def choose_aggregation(
+    compressor: Compressor, n: int, p: int, cost_model: CostModel | None = None
+) -> str:
+    """The cheapest exact strategy for ``compressor`` on n elements and p ranks.
+
+    PowerSGD always uses ``powersgd``. Otherwise the candidates are ``allreduce`` (summable
+    payloads only), ``allgather`` and ``dense_allreduce``, compared by ``cost_model``; ties go
+    to that order.
+    """
+    if compressor.multi_round:
+        return "powersgd"
+    cost = cost_model or CostModel()
+    candidates = ["allreduce"] if compressor.summable else []
+    candidates += ["allgather", "dense_allreduce"]
+    return min(candidates, key=lambda s: cost.seconds(s, compressor, n, p))
+
+
+_BY_NAME: Mapping[str, Callable[..., Aggregated]] = {
+    "allreduce": allreduce_payloads,
+    "dense_allreduce": dense_allreduce,
+    "allgather": allgather_payloads,
+    "two_phase": two_phase_exchange,
+    "majority": majority_vote,
+}
+
+
+def aggregate(
+    comm: Any,
+    x: np.ndarray,
+    compressor: Compressor,
+    rng: np.random.Generator | None = None,
+    *,
+    strategy: str = "auto",
+    cost_model: CostModel | None = None,
+    need_sent: bool = False,
+    state: np.ndarray | None = None,
+    shapes: Sequence[Sequence[int]] | None = None,
+) -> Aggregated:
+    """Average one bucket over the ranks of ``comm`` with ``strategy`` (or the chosen one).
+
+    ``rng`` must be in the same state on every rank for compressors with
+    ``needs_shared_seed``, and should differ between ranks otherwise. ``state`` and ``shapes``
+    are PowerSGD's (see ``powersgd_exchange``) and ignored by the other strategies.
+    """
+    if strategy == "auto":
+        strategy = choose_aggregation(compressor, x.size, mpi_comm(comm).Get_size(), cost_model)
+    check_strategy(strategy, compressor)
+    if strategy == "powersgd":
+        return powersgd_exchange(
+            comm, x, compressor, rng, state=state, shapes=shapes, need_sent=need_sent
+        )
+    return _BY_NAME[strategy](comm, x, compressor, rng, need_sent=need_sent)

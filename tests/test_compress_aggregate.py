@@ -1,0 +1,75 @@
+"""Choosing an aggregation: capabilities and the alpha-beta cost model (no MPI needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+import distad.compress as C
+from distad.compress.aggregate import check_strategy
+
+N = 10_000_000  # large enough that bandwidth, not latency, decides
+
+
+@pytest.mark.parametrize("p", [4, 16, 64])
+def test_sparse_payload_is_allgathered_below_density_one_over_p(p):
+    below, above = C.TopK(0.5 / p), C.TopK(2.0 / p)
+    assert C.choose_aggregation(below, N, p) == "allgather"
+    assert C.choose_aggregation(above, N, p) == "dense_allreduce"
+
+
+def test_density_one_over_p_is_where_allgather_and_dense_allreduce_cost_the_same():
+    cost, p = C.CostModel(alpha=0.0), 8
+    sparse = C.TopK(1 / p)  # 8 bytes per kept element, k = n / p
+    assert cost.seconds("allgather", sparse, N, p) == pytest.approx(
+        cost.seconds("dense_allreduce", sparse, N, p)
+    )
+
+
+@pytest.mark.parametrize("spec", ["none", "int8", "terngrad", "randk:0.01", "fp16"])
+def test_summable_payloads_are_allreduced(spec):
+    assert C.choose_aggregation(C.get(spec).compressor, N, 8) == "allreduce"
+
+
+def test_powersgd_always_uses_its_own_exchange():
+    assert C.choose_aggregation(C.PowerSGD(2), N, 8) == "powersgd"
+
+
+def test_tiny_summable_bucket_is_still_allreduced():
+    # Recursive doubling: ceil(log2 p) steps, no more latency than an allgather.
+    assert C.choose_aggregation(C.Identity(), 100, 8) == "allreduce"
+
+
+def test_cost_model_parameters_change_the_choice():
+    dense_enough = C.TopK(2.0 / 8)
+    latency_only = C.CostModel(alpha=1e-3, beta=0.0)
+    assert latency_only.seconds("allgather", dense_enough, N, 8) == pytest.approx(3e-3)
+    assert C.choose_aggregation(dense_enough, N, 8, latency_only) == "allgather"
+    assert C.choose_aggregation(dense_enough, N, 8) == "dense_allreduce"
+
+
+def test_one_rank_costs_nothing_and_picks_the_first_candidate():
+    assert C.CostModel().seconds("allgather", C.TopK(0.01), N, 1) == 0.0
+    assert C.choose_aggregation(C.QSGD(16), N, 1) == "allgather"
+
+
+def test_allreduce_cost_counts_the_widened_sum_dtype():
+    cost = C.CostModel(alpha=0.0)
+    # int8 levels are summed as int16 on 4 ranks: twice the bytes of the int8 payload
+    assert cost.seconds("allreduce", C.Int8(), N, 4) == pytest.approx(
+        cost.seconds("dense_allreduce", C.Int8(), N, 4) / 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("strategy", "spec", "message"),
+    [
+        ("allreduce", "qsgd:16", "needs summable payloads"),
+        ("majority", "topk:0.1", "needs sign bits"),
+        ("powersgd", "topk:0.1", "PowerSGD and only PowerSGD"),
+        ("two_phase", "powersgd:2", "PowerSGD and only PowerSGD"),
+        ("ring", "none", "unknown aggregation 'ring'"),
+    ],
+)
+def test_strategy_that_cannot_carry_the_payload_is_refused(strategy, spec, message):
+    with pytest.raises(ValueError, match=message):
+        check_strategy(strategy, C.get(spec).compressor)

@@ -1,0 +1,122 @@
+"""Memory (error feedback, DGC momentum) and the run state of GradientCompression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import distad.compress as C
+
+N = 512
+
+
+def gradients(steps: int, n: int = N, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n, dtype=np.float32) for _ in range(steps)]
+
+
+def compress_step(memory: C.Memory, c: C.Compressor, g: np.ndarray, rng) -> np.ndarray:
+    """One step of one rank: compensate, compress, decompress, update; returns what was sent."""
+    compensated = memory.compensate("b", g)
+    sent = c.decompress(c.compress(compensated, rng), g.size)
+    memory.update("b", compensated, sent)
+    return sent
+
+
+@pytest.mark.parametrize("spec", ["topk:0.05", "qsgd:2", "onebit", "efsign", "sign", "randk:0.1"])
+def test_error_feedback_telescopes_sent_plus_residual_to_the_gradient_sum(spec):
+    c, memory, rng = C.get(spec).compressor, C.ErrorFeedback(), np.random.default_rng(0)
+    grads, sent, rounding = gradients(30), [], np.zeros(N)
+    for g in grads:
+        sent.append(compress_step(memory, c, g, rng))
+        # float32 rounds g + e and (g + e) - sent: half an ulp of each, per step
+        rounding += 2.0**-23 * (np.abs(sent[-1]) + 2 * np.abs(memory.residual["b"]))
+    total = np.sum(sent, axis=0, dtype=np.float64) + memory.residual["b"]
+    assert np.all(np.abs(total - np.sum(grads, axis=0, dtype=np.float64)) <= rounding + 1e-6)
+
+
+def test_error_feedback_compensates_with_the_residual_left_last_step():
+    memory = C.ErrorFeedback()
+    g = np.array([1.0, 2.0, 3.0], np.float32)
+    memory.update("b", memory.compensate("b", g), np.array([1.0, 0.0, 0.0], np.float32))
+    np.testing.assert_array_equal(memory.compensate("b", g), [1.0, 4.0, 6.0])
+
+
+def test_dgc_accumulates_momentum_and_masks_it_where_sent():
+    memory = C.DGCMomentum(momentum=0.5)
+    g = np.array([1.0, 2.0, 4.0], np.float32)
+    v = memory.compensate(0, g)  # u = g, v = u
+    memory.update(0, v, np.array([0.0, 0.0, 4.0], np.float32))
+    np.testing.assert_array_equal(memory.u["0"], [1.0, 2.0, 0.0])
+    np.testing.assert_array_equal(memory.v["0"], [1.0, 2.0, 0.0])
+    # next step: u = 0.5 u + g, v = v + u
+    np.testing.assert_array_equal(memory.compensate(0, g), [1.0 + 1.5, 2.0 + 3.0, 4.0])
+
+
+def test_dgc_velocity_telescopes_sent_plus_velocity_to_the_momentum_sum():
+    c, memory, rng = C.TopK(0.05), C.DGCMomentum(0.9), np.random.default_rng(0)
+    momenta, sent = [], []
+    for g in gradients(20):
+        before = memory.u.get("b", np.zeros(N, np.float32)) * np.float32(0.9) + g
+        momenta.append(before)
+        sent.append(compress_step(memory, c, g, rng))
+    total = np.sum(sent, axis=0, dtype=np.float64) + memory.v["b"]
+    np.testing.assert_allclose(total, np.sum(momenta, axis=0, dtype=np.float64), atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [C.ErrorFeedback, C.DGCMomentum, C.NoMemory])
+def test_memory_state_dict_round_trips_and_resumes_identically(make):
+    c, rng = C.TopK(0.1), np.random.default_rng(0)
+    first = make()
+    for g in gradients(3):
+        compress_step(first, c, g, rng)
+    state = first.state_dict()
+    assert all(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in state.values())
+    second = make()
+    second.load_state_dict(state)
+    assert state.keys() == second.state_dict().keys()
+    for g in gradients(2, seed=1):
+        a = compress_step(first, c, g, np.random.default_rng(5))
+        b = compress_step(second, c, g, np.random.default_rng(5))
+        np.testing.assert_array_equal(a, b)
+
+
+def test_memory_rejects_a_bucket_whose_shape_changed():
+    memory = C.ErrorFeedback()
+    g = np.ones(4, np.float32)
+    memory.update(7, memory.compensate(7, g), g)
+    with pytest.raises(ValueError, match=r"bucket '7' has state of shape \(4,\), got .* \(5,\)"):
+        memory.compensate(7, np.ones(5, np.float32))
+
+
+def test_memory_load_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unexpected key 'momentum.0'"):
+        C.ErrorFeedback().load_state_dict({"momentum.0": np.zeros(3, np.float32)})
+
+
+SPECS_WITH_STATE = ["qsgd:4+ef", "topk:0.05+dgc", "randk:0.1+ef", "powersgd:2+ef", "threshold:0.02"]
+
+
+@pytest.mark.parametrize("spec", SPECS_WITH_STATE)
+def test_resumed_gradient_compression_matches_an_uninterrupted_one_bit_for_bit(spec):
+    comm, grads = MPI.COMM_SELF, gradients(6, n=4096)
+    shapes = [(64, 60), (256,)]
+    run = C.get(spec, seed=3)
+    for g in grads[:3]:
+        run.reduce_bucket(comm, 0, g, shapes=shapes)
+    state = {k: v.copy() for k, v in run.state_dict().items()}
+    resumed = C.get(spec, seed=3)
+    resumed.load_state_dict(state)
+    for g in grads[3:]:
+        a = run.reduce_bucket(comm, 0, g, shapes=shapes).mean
+        b = resumed.reduce_bucket(comm, 0, g, shapes=shapes).mean
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_compression_state_holds_only_numpy_arrays():
+    run = C.get("powersgd:2+ef")
+    run.reduce_bucket(MPI.COMM_SELF, "layer", gradients(1, n=4096)[0])
+    state = run.state_dict()
+    assert set(state) == {"memory.residual.layer", "powersgd.q.layer", "rng.rank", "rng.shared"}
+    assert all(isinstance(v, np.ndarray) for v in state.values())
