@@ -295,10 +295,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench_model_sync(comm: Communicator, n_params: int, repeats: int) -> None:
     """The DataParallel rows: sync vs one raw Allreduce, and overlap vs no overlap."""
-    from .gradsync import bench_overlap, bench_sync
+    from .gradsync import bench_gloo, bench_overlap, bench_sync
 
     s = bench_sync(comm, n_params, repeats)
     o = bench_overlap(comm, n_params, repeats=max(3, repeats // 2))
+    g = bench_gloo(comm, s["params"], repeats)
     if comm.rank == 0:
         mb = s["bytes"] / 2**20
         print(f"# DataParallel gradient sync, P={comm.size}, {s['params']:,} float32 parameters "
@@ -313,7 +314,14 @@ def _bench_model_sync(comm: Communicator, n_params: int, repeats: int) -> None:
               f"| training step (fwd+bwd+sync), no overlap | {o['no_overlap_s'] * 1e3:.1f} | "
               "1.00 |\n"
               f"| training step (fwd+bwd+sync), overlap | {o['overlap_s'] * 1e3:.1f} | "
-              f"{o['ratio']:.2f}x |\n", flush=True)
+              f"{o['ratio']:.2f}x |", flush=True)
+        if g is not None:
+            print(f"| torch {g['torch']} gloo all_reduce of the same {mb:.1f} MiB | "
+                  f"{g['gloo_allreduce_s'] * 1e3:.2f} | "
+                  f"{g['gloo_allreduce_s'] / s['raw_allreduce_s']:.2f}x of raw MPI |", flush=True)
+        else:
+            print("| torch gloo all_reduce | (torch not installed) | |", flush=True)
+        print(flush=True)
 
 
 def _us(seconds: float) -> str:

@@ -90,3 +90,36 @@ def bench_overlap(comm: Communicator, n_params: int, batch: int = 64, repeats: i
     med = np.median(times, axis=1)
     return {"overlap_s": float(med[0]), "no_overlap_s": float(med[1]),
             "ratio": float(med[0] / med[1])}
+
+
+def bench_gloo(comm: Communicator, n_params: int, repeats: int = 20) -> dict | None:
+    """PyTorch's gloo all_reduce of the same float32 bytes, for comparison (None without torch).
+
+    The process group is formed from the MPI ranks over TCP on the loopback
+    (rank 0 picks a free port and broadcasts it), so it measures gloo on the
+    same machine and ranks as the MPI rows.
+    """
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    import os
+    import socket
+
+    port = np.zeros(1, np.int64)
+    if comm.rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port[0] = s.getsockname()[1]
+    comm.bcast(port)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(int(port[0]))
+    dist.init_process_group("gloo", rank=comm.rank, world_size=comm.size)
+    try:
+        t = torch.from_numpy(np.random.default_rng(comm.rank).standard_normal(n_params)
+                             .astype(np.float32))
+        times = interleaved_times(comm, [lambda: dist.all_reduce(t)], repeats)
+    finally:
+        dist.destroy_process_group()
+    return {"gloo_allreduce_s": float(np.median(times[0])), "torch": torch.__version__}
