@@ -126,3 +126,18 @@ def test_cli_help_lists_the_commands():
     r = subprocess.run([sys.executable, "-m", "distad", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "bench engine" in r.stdout and "train" in r.stdout
+
+
+def test_trace_has_compute_wait_and_communication_spans_per_rank(tmp_path, mpiexec, launch_env):
+    import json
+
+    trace = tmp_path / "trace.json"
+    r = _train(["--epochs", "1", "--hidden", "16", "--trace", str(trace)], launch_env, mpiexec, 2)
+    assert r.returncode == 0, r.stderr
+    events = json.loads(trace.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    steps = {e["args"]["step"] for e in spans}
+    for rank in (0, 1):
+        names = {e["name"] for e in spans if e["pid"] == rank}
+        assert {"compute", "wait", "communicate"} <= names
+    assert all(e["dur"] >= 0 for e in spans) and len(steps) > 10

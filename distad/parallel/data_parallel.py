@@ -45,7 +45,8 @@ class StepStats:
         self.compress_s = self.communicate_s = self.decompress_s = self.wait_s = 0.0
         self.buckets = 0
         self.unused = 0
-        self.spans: list[tuple[str, int, float, float]] = []  # (phase, bucket, start, end)
+        # (phase, bucket, start, end) in time.perf_counter() seconds; bucket -1: not per bucket
+        self.spans: list[tuple[str, int, float, float]] = []
 
     def as_dict(self) -> dict[str, float]:
         return {"bytes_sent": self.bytes_sent, "compress_s": self.compress_s,
@@ -216,7 +217,9 @@ class DataParallel(Module):
             object.__setattr__(self, "_armed", False)
             for b in self.buckets:
                 b.reset()
-        stats.wait_s = time.perf_counter() - t_wait
+        t_done = time.perf_counter()
+        stats.wait_s = t_done - t_wait
+        stats.spans.append(("wait", -1, t_wait, t_done))
         for b in self.buckets:
             for p, view in zip(b.params, b.views):
                 g = view.view()
@@ -228,7 +231,12 @@ class DataParallel(Module):
             stats.compress_s += r.get("compress_s", 0.0)
             stats.communicate_s += r.get("communicate_s", 0.0)
             stats.decompress_s += r.get("decompress_s", 0.0)
-            stats.spans.append(("sync", r["bucket"], r["start"] - self._t0, r["end"] - self._t0))
+            t = r["start"]
+            for phase in ("compress", "communicate", "decompress"):
+                d = r.get(f"{phase}_s", 0.0)
+                if d:
+                    stats.spans.append((phase, r["bucket"], t, t + d))
+                    t += d
         object.__setattr__(self, "stats", stats)
 
     def state_dict(self) -> dict[str, np.ndarray]:

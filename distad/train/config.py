@@ -40,6 +40,7 @@ class TrainConfig:
     gc_every: int = 50
     log_every: int = 10
     max_steps: int = 0           # stop after this many steps (0: run all epochs)
+    trace: str = ""              # write a Chrome trace (timeline) of the run here
     progress: bool = True
 
     def as_dict(self) -> dict:
@@ -66,6 +67,8 @@ HELP = {
     "gc_every": "run Python's cyclic GC on every rank at once every N steps (0: never)",
     "max_steps": "stop after this many steps in total (0: all epochs)",
     "overlap": "overlap gradient communication with backward", "progress": "progress bar",
+    "trace": "write a timeline of every step (Chrome trace JSON: compute, compress, "
+    "communicate, wait per bucket and rank) to this file",
 }
 
 CHOICES = {"model": ("mlp", "cnn"), "dataset": ("digits", "synthetic"),

@@ -30,6 +30,7 @@ from ..data import ArrayDataset, DataLoader, DistributedSampler
 from ..parallel import DataParallel
 from . import checkpoint as ckpt
 from .config import TrainConfig, from_args, parser
+from .timeline import Timeline
 
 __all__ = ["main", "run", "build_model", "load_dataset"]
 
@@ -151,6 +152,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     cross_entropy = ad.nn.functional.cross_entropy
     params = list(model.parameters())
     kill_at = int(os.environ.get("DISTAD_KILL_AT_STEP", "0"))  # fault injection for tests
+    timeline = Timeline(comm) if cfg.trace else None
 
     # Collections at different moments on different ranks stall collectives; the engine
     # makes no reference cycles, so collect by hand, on every rank at the same step.
@@ -191,8 +193,11 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                 local = np.array([float(closure.loss.data) * len(yb),
                                   float((closure.out.data.argmax(1) == yb).sum()), len(yb)])
                 comm.allreduce(local, out=local)
-                dt = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                dt = t1 - t0
                 window.append((dt, local[2]))
+                if timeline is not None:
+                    timeline.step(step, t0, t1, dp.stats.spans)
                 for k in phases:
                     phases[k] += getattr(dp.stats, k)
                 if cfg.gc_every and step % cfg.gc_every == 0:
@@ -230,6 +235,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
             bar.close()
         dp.close()
     elapsed = time.perf_counter() - t_start
+    if timeline is not None:
+        timeline.write(cfg.trace)
     steps_s = [w[0] for w in window]
     n_steps = max(len(window), 1)
     per_step = {k: v / n_steps for k, v in phases.items()}
