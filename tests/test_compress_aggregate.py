@@ -30,6 +30,12 @@ def test_summable_payloads_are_allreduced(spec):
     assert C.choose_aggregation(C.get(spec).compressor, N, 8) == "allreduce"
 
 
+def test_gradient_compression_reports_the_strategy_auto_picks():
+    assert C.get("topk:0.01").strategy_for(N, 8) == "allgather"
+    assert C.get("topk:0.5").strategy_for(N, 8) == "dense_allreduce"
+    assert C.get("topk:0.5@two_phase").strategy_for(N, 8) == "two_phase"
+
+
 def test_powersgd_always_uses_its_own_exchange():
     assert C.choose_aggregation(C.PowerSGD(2), N, 8) == "powersgd"
 

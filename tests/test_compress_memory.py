@@ -114,6 +114,11 @@ def test_resumed_gradient_compression_matches_an_uninterrupted_one_bit_for_bit(s
         np.testing.assert_array_equal(a, b)
 
 
+def test_gradient_compression_load_rejects_unknown_keys():
+    with pytest.raises(ValueError, match=r"unexpected keys \['rng.other'\]"):
+        C.get("topk:0.1+ef").load_state_dict({"rng.other": np.zeros(6, np.uint64)})
+
+
 def test_gradient_compression_state_holds_only_numpy_arrays():
     run = C.get("powersgd:2+ef")
     run.reduce_bucket(MPI.COMM_SELF, "layer", gradients(1, n=4096)[0])

@@ -1,4 +1,4 @@
-"""Every compressor trains under DataParallel, and every rank holds the same bits after every step."""
+"""Every compressor trains under DataParallel; every rank holds the same bits after every step."""
 
 import hashlib
 

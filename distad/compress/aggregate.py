@@ -25,7 +25,9 @@ two_phase (which compresses twice) and majority are used when asked for.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +48,9 @@ class Aggregated:
     send / receive buffers this rank passed to MPI in this call (an in-place Allreduce counts
     its buffer as both). ``sent``: what this rank's own contribution decompresses to, float32
     (n,), when asked for (error feedback needs it), else None. ``state``: run state to hand to
-    the next call for this bucket (PowerSGD's Q), else None.
+    the next call for this bucket (PowerSGD's Q), else None. ``compress_s``,
+    ``communicate_s``, ``decompress_s``: this rank's wall time encoding (including the local
+    linear algebra of PowerSGD), inside MPI calls, and decoding and summing.
     """
 
     mean: np.ndarray
@@ -55,6 +59,9 @@ class Aggregated:
     bytes_received: int
     sent: np.ndarray | None = None
     state: np.ndarray | None = None
+    compress_s: float = 0.0
+    communicate_s: float = 0.0
+    decompress_s: float = 0.0
 
 
 def mpi_comm(comm: Any) -> Any:
@@ -70,7 +77,8 @@ def _mpi():
 
 
 class _Traffic:
-    """The communicator plus a count of the bytes of every buffer handed to MPI."""
+    """The communicator plus a count of the bytes of every buffer handed to MPI, and the time
+    spent in each phase (``phase("compress")``, MPI calls, ``phase("decompress")``)."""
 
     def __init__(self, comm: Any) -> None:
         self.comm = mpi_comm(comm)
@@ -78,20 +86,31 @@ class _Traffic:
         self.rank = self.comm.Get_rank()
         self.sent = 0
         self.received = 0
+        self.seconds = {"compress": 0.0, "communicate": 0.0, "decompress": 0.0}
         self.MPI = _mpi()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
 
     def _op(self, op: str):
         return {"sum": self.MPI.SUM, "max": self.MPI.MAX}[op]
 
     def allreduce(self, send: np.ndarray, op: str) -> np.ndarray:
         recv = np.empty_like(send)
-        self.comm.Allreduce(send, recv, op=self._op(op))
+        with self.phase("communicate"):
+            self.comm.Allreduce(send, recv, op=self._op(op))
         self.sent += send.nbytes
         self.received += recv.nbytes
         return recv
 
     def allreduce_in_place(self, buf: np.ndarray, op: str) -> np.ndarray:
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self._op(op))
+        with self.phase("communicate"):
+            self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self._op(op))
         self.sent += buf.nbytes
         self.received += buf.nbytes
         return buf
@@ -101,7 +120,8 @@ class _Traffic:
         (``personal``) Alltoall of one count per destination."""
         send = np.array(counts, np.int64)
         recv = np.empty(self.size, np.int64)
-        (self.comm.Alltoall if personal else self.comm.Allgather)(send, recv)
+        with self.phase("communicate"):
+            (self.comm.Alltoall if personal else self.comm.Allgather)(send, recv)
         self.sent += send.nbytes
         self.received += recv.nbytes
         return [int(c) for c in recv]
@@ -110,12 +130,14 @@ class _Traffic:
         """Every rank's uint8 buffer, in rank order; counts None means all are buf's size."""
         byte = self.MPI.BYTE
         if counts is None:
-            recv = np.empty(self.size * buf.size, np.uint8)
-            self.comm.Allgather([buf, byte], [recv, byte])
             counts = [buf.size] * self.size
+            recv = np.empty(sum(counts), np.uint8)
+            with self.phase("communicate"):
+                self.comm.Allgather([buf, byte], [recv, byte])
         else:
             recv = np.empty(sum(counts), np.uint8)
-            self.comm.Allgatherv([buf, byte], [recv, counts, _displacements(counts), byte])
+            with self.phase("communicate"):
+                self.comm.Allgatherv([buf, byte], [recv, counts, _displacements(counts), byte])
         self.sent += buf.nbytes
         self.received += recv.nbytes
         return _split(recv, counts)
@@ -123,16 +145,21 @@ class _Traffic:
     def alltoallv(self, send: np.ndarray, send_counts: Sequence[int], recv_counts: Sequence[int]):
         byte = self.MPI.BYTE
         recv = np.empty(sum(recv_counts), np.uint8)
-        self.comm.Alltoallv(
-            [send, send_counts, _displacements(send_counts), byte],
-            [recv, recv_counts, _displacements(recv_counts), byte],
-        )
+        with self.phase("communicate"):
+            self.comm.Alltoallv(
+                [send, send_counts, _displacements(send_counts), byte],
+                [recv, recv_counts, _displacements(recv_counts), byte],
+            )
         self.sent += send.nbytes
         self.received += recv.nbytes
         return _split(recv, recv_counts)
 
     def result(self, mean, strategy, sent=None, state=None) -> Aggregated:
-        return Aggregated(mean, strategy, self.sent, self.received, sent, state)
+        sec = self.seconds
+        return Aggregated(
+            mean, strategy, self.sent, self.received, sent, state,
+            sec["compress"], sec["communicate"], sec["decompress"],
+        )  # fmt: skip
 
 
 def _displacements(counts: Sequence[int]) -> list[int]:
@@ -152,7 +179,8 @@ def _shared_meta(t: _Traffic, compressor: Compressor, x: np.ndarray) -> dict[str
     """
     if not compressor.needs_shared_scale:
         return None
-    local = np.array([compressor.local_scale(x)], np.float32)
+    with t.phase("compress"):
+        local = np.array([compressor.local_scale(x)], np.float32)
     if np.isnan(local[0]):
         local[0] = np.inf
     return {"scale": t.allreduce(local, "max")[0]}
@@ -193,24 +221,26 @@ def allreduce_payloads(
     p, n = t.size, x.size
     meta = _shared_meta(t, compressor, x)
     divide = compressor.divide_before_sum and p > 1
-    payload = compressor.compress(x / np.float32(p) if divide else x, rng, meta)
-    _check_size(compressor, payload, n, "allreduce")
+    with t.phase("compress"):
+        payload = compressor.compress(x / np.float32(p) if divide else x, rng, meta)
+        _check_size(compressor, payload, n, "allreduce")
+        wide = [a.astype(dt, copy=False) for a, dt in zip(payload.arrays, compressor.sum_dtypes(p))]
     sent = None
     if need_sent:
-        sent = compressor.decompress(payload, n)
-        if divide:
-            sent = sent * np.float32(p)
+        with t.phase("decompress"):
+            sent = compressor.decompress(payload, n)
+            if divide:
+                sent = sent * np.float32(p)
     sums = []
-    for a, dtype in zip(payload.arrays, compressor.sum_dtypes(p)):
-        if a.dtype != dtype:
-            sums.append(t.allreduce_in_place(a.astype(dtype), "sum"))
-        elif np.may_share_memory(a, x) or (sent is not None and np.may_share_memory(a, sent)):
+    for a in wide:  # in place unless the buffer is the input or backs `sent`
+        if np.may_share_memory(a, x) or (sent is not None and np.may_share_memory(a, sent)):
             sums.append(t.allreduce(a, "sum"))
         else:
             sums.append(t.allreduce_in_place(a, "sum"))
-    mean = compressor.decompress(Payload(tuple(sums), payload.meta), n)
-    if not divide:
-        mean = _mean_in_place(mean, p) if not np.may_share_memory(mean, x) else mean / np.float32(p)
+    with t.phase("decompress"):
+        mean = compressor.decompress(Payload(tuple(sums), payload.meta), n)
+        if not divide:
+            mean = mean / np.float32(p) if np.may_share_memory(mean, x) else _mean_in_place(mean, p)
     return t.result(mean, "allreduce", sent)
 
 
@@ -230,12 +260,17 @@ def dense_allreduce(
     x = check_bucket(x, "dense_allreduce")
     t = _Traffic(comm)
     meta = _shared_meta(t, compressor, x)
-    dense = compressor.decompress(compressor.compress(x, rng, meta), x.size)
+    with t.phase("compress"):
+        payload = compressor.compress(x, rng, meta)
+    with t.phase("decompress"):
+        dense = compressor.decompress(payload, x.size)
     if need_sent or np.may_share_memory(dense, x):
         total = t.allreduce(dense, "sum")
     else:
         total = t.allreduce_in_place(dense, "sum")
-    return t.result(_mean_in_place(total, t.size), "dense_allreduce", dense if need_sent else None)
+    with t.phase("decompress"):
+        mean = _mean_in_place(total, t.size)
+    return t.result(mean, "dense_allreduce", dense if need_sent else None)
 
 
 def allgather_payloads(
@@ -255,15 +290,19 @@ def allgather_payloads(
     t = _Traffic(comm)
     n = x.size
     meta = _shared_meta(t, compressor, x)
-    payload = compressor.compress(x, rng, meta)
-    _check_size(compressor, payload, n, "allgather")
-    buf = payload.to_bytes()
+    with t.phase("compress"):
+        payload = compressor.compress(x, rng, meta)
+        _check_size(compressor, payload, n, "allgather")
+        buf = payload.to_bytes()
     counts = None if compressor.fixed_size else t.exchange_counts([buf.size], personal=False)
-    total = np.zeros(n, np.float32)
-    for block in t.allgatherv(buf, counts):
-        compressor.accumulate(compressor.unpack(block, n, payload.meta), total)
-    sent = compressor.decompress(payload, n) if need_sent else None
-    return t.result(_mean_in_place(total, t.size), "allgather", sent)
+    blocks = t.allgatherv(buf, counts)
+    with t.phase("decompress"):
+        total = np.zeros(n, np.float32)
+        for block in blocks:
+            compressor.accumulate(compressor.unpack(block, n, payload.meta), total)
+        sent = compressor.decompress(payload, n) if need_sent else None
+        mean = _mean_in_place(total, t.size)
+    return t.result(mean, "allgather", sent)
 
 
 def two_phase_exchange(
@@ -295,30 +334,36 @@ def two_phase_exchange(
     bounds = [j * n // p for j in range(p + 1)]
     sizes = [bounds[j + 1] - bounds[j] for j in range(p)]
     meta = _shared_meta(t, compressor, x)
-    parts = [compressor.compress(x[bounds[j] : bounds[j + 1]], rng, meta) for j in range(p)]
-    for part, size in zip(parts, sizes):
-        _check_size(compressor, part, size, "two_phase")
+    with t.phase("compress"):
+        parts = [compressor.compress(x[bounds[j] : bounds[j + 1]], rng, meta) for j in range(p)]
+        for part, size in zip(parts, sizes):
+            _check_size(compressor, part, size, "two_phase")
+        send = np.concatenate([part.to_bytes() for part in parts])
     send_counts = [part.nbytes for part in parts]
     if compressor.fixed_size:
         recv_counts = [compressor.wire_bytes(sizes[me])] * p
     else:
         recv_counts = t.exchange_counts(send_counts, personal=True)
-    send = np.concatenate([part.to_bytes() for part in parts])
-    mine = np.zeros(sizes[me], np.float32)
-    for block in t.alltoallv(send, send_counts, recv_counts):
-        compressor.accumulate(compressor.unpack(block, sizes[me], parts[me].meta), mine)
-    reduced = compressor.compress(_mean_in_place(mine, p), rng, parts[me].meta)
+    blocks = t.alltoallv(send, send_counts, recv_counts)
+    with t.phase("decompress"):
+        mine = np.zeros(sizes[me], np.float32)
+        for block in blocks:
+            compressor.accumulate(compressor.unpack(block, sizes[me], parts[me].meta), mine)
+    with t.phase("compress"):
+        reduced = compressor.compress(_mean_in_place(mine, p), rng, parts[me].meta)
     if compressor.fixed_size:
         counts = [compressor.wire_bytes(s) for s in sizes]
     else:
         counts = t.exchange_counts([reduced.nbytes], personal=False)
-    out = np.empty(n, np.float32)
-    for j, block in enumerate(t.allgatherv(reduced.to_bytes(), counts)):
-        chunk = compressor.unpack(block, sizes[j], parts[j].meta)
-        out[bounds[j] : bounds[j + 1]] = compressor.decompress(chunk, sizes[j])
-    sent = None
-    if need_sent:
-        sent = np.concatenate([compressor.decompress(pt, s) for pt, s in zip(parts, sizes)])
+    blocks = t.allgatherv(reduced.to_bytes(), counts)
+    with t.phase("decompress"):
+        out = np.empty(n, np.float32)
+        for j, block in enumerate(blocks):
+            chunk = compressor.unpack(block, sizes[j], parts[j].meta)
+            out[bounds[j] : bounds[j + 1]] = compressor.decompress(chunk, sizes[j])
+        sent = None
+        if need_sent:
+            sent = np.concatenate([compressor.decompress(pt, s) for pt, s in zip(parts, sizes)])
     return t.result(out, "two_phase", sent)
 
 
@@ -340,15 +385,18 @@ def majority_vote(
         raise ValueError(f"majority: {compressor.spec} does not send packed sign bits")
     t = _Traffic(comm)
     n = x.size
-    payload = compressor.compress(x, rng)
-    _check_size(compressor, payload, n, "majority")
-    ones = np.zeros(n, np.int32)
-    for block in t.allgatherv(payload.arrays[0], None):
-        ones += np.unpackbits(block, count=n)
-    twice = 2 * ones
-    vote = (twice > t.size).astype(np.float32)
-    vote -= twice < t.size
-    sent = compressor.decompress(payload, n) if need_sent else None
+    with t.phase("compress"):
+        payload = compressor.compress(x, rng)
+        _check_size(compressor, payload, n, "majority")
+    blocks = t.allgatherv(payload.arrays[0], None)
+    with t.phase("decompress"):
+        ones = np.zeros(n, np.int32)
+        for block in blocks:
+            ones += np.unpackbits(block, count=n)
+        twice = 2 * ones
+        vote = (twice > t.size).astype(np.float32)
+        vote -= twice < t.size
+        sent = compressor.decompress(payload, n) if need_sent else None
     return t.result(vote, "majority", sent)
 
 
@@ -389,38 +437,43 @@ def powersgd_exchange(
         if not isinstance(rng, np.random.Generator):
             raise TypeError("powersgd: the first call needs a shared np.random.Generator for Q")
         state = rng.standard_normal(q_size, dtype=np.float32)
-    matrices = [as_matrix(x, b) for b in low_rank]
-    qs = _views(state, [(b.cols, r) for b in low_rank])
-
-    round1 = np.empty(sum(b.rows * r for b in low_rank) + sum(b.size for b in dense), np.float32)
-    ps = _views(round1, [(b.rows, r) for b in low_rank])
-    for m, q, out in zip(matrices, qs, ps):
-        np.matmul(m, q, out=out)
-    offset = sum(b.rows * r for b in low_rank)
-    for b in dense:
-        round1[offset : offset + b.size] = x[b.start : b.start + b.size]
-        offset += b.size
-    _mean_in_place(t.allreduce_in_place(round1, "sum"), p)
-    ps = [orthogonalise(pm) for pm in ps]
-
-    round2 = np.empty(q_size, np.float32)
-    new_qs = _views(round2, [(b.cols, r) for b in low_rank])
-    for m, pm, out in zip(matrices, ps, new_qs):
-        np.matmul(m.T, pm, out=out)
-    sent = np.array(x, copy=True) if need_sent else None
-    if sent is not None:  # the local term, from this rank's Q before it is averaged
-        for b, pm, q in zip(low_rank, ps, new_qs):
-            sent[b.start : b.start + b.size] = (pm @ q.T).reshape(-1)[: b.size]
+    p_size = sum(b.rows * r for b in low_rank)
+    with t.phase("compress"):
+        matrices = [as_matrix(x, b) for b in low_rank]
+        qs = _views(state, [(b.cols, r) for b in low_rank])
+        round1 = np.empty(p_size + sum(b.size for b in dense), np.float32)
+        ps = _views(round1, [(b.rows, r) for b in low_rank])
+        for m, q, out in zip(matrices, qs, ps):
+            np.matmul(m, q, out=out)
+        offset = p_size
+        for b in dense:
+            round1[offset : offset + b.size] = x[b.start : b.start + b.size]
+            offset += b.size
+    t.allreduce_in_place(round1, "sum")
+    with t.phase("compress"):
+        _mean_in_place(round1, p)
+        ps = [orthogonalise(pm) for pm in ps]
+        round2 = np.empty(q_size, np.float32)
+        new_qs = _views(round2, [(b.cols, r) for b in low_rank])
+        for m, pm, out in zip(matrices, ps, new_qs):
+            np.matmul(m.T, pm, out=out)
+    sent = None
+    if need_sent:  # the local term, from this rank's Q before it is averaged
+        with t.phase("decompress"):
+            sent = np.array(x, copy=True)
+            for b, pm, q in zip(low_rank, ps, new_qs):
+                sent[b.start : b.start + b.size] = (pm @ q.T).reshape(-1)[: b.size]
     if low_rank:
-        _mean_in_place(t.allreduce_in_place(round2, "sum"), p)
-
-    mean = np.empty(n, np.float32)
-    for b, pm, q in zip(low_rank, ps, new_qs):
-        mean[b.start : b.start + b.size] = (pm @ q.T).reshape(-1)[: b.size]
-    offset = sum(b.rows * r for b in low_rank)
-    for b in dense:
-        mean[b.start : b.start + b.size] = round1[offset : offset + b.size]
-        offset += b.size
+        t.allreduce_in_place(round2, "sum")
+    with t.phase("decompress"):
+        _mean_in_place(round2, p)
+        mean = np.empty(n, np.float32)
+        for b, pm, q in zip(low_rank, ps, new_qs):
+            mean[b.start : b.start + b.size] = (pm @ q.T).reshape(-1)[: b.size]
+        offset = p_size
+        for b in dense:
+            mean[b.start : b.start + b.size] = round1[offset : offset + b.size]
+            offset += b.size
     return t.result(mean, "powersgd", sent, round2)
 
 

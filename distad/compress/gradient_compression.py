@@ -140,12 +140,10 @@ class GradientCompression:
         memory = {k[len("memory.") :]: v for k, v in state.items() if k.startswith("memory.")}
         q = {k[len("powersgd.q.") :]: v for k, v in state.items() if k.startswith("powersgd.q.")}
         rngs = {k: v for k, v in state.items() if k in ("rng.rank", "rng.shared")}
-        unknown = set(state) - {f"memory.{k}" for k in memory} - {f"powersgd.q.{k}" for k in q}
-        unknown -= set(rngs)
+        prefixes = ("memory.", "powersgd.q.")
+        unknown = [k for k in state if not (k.startswith(prefixes) or k in rngs)]
         if unknown:
-            raise ValueError(
-                f"GradientCompression.load_state_dict: unexpected keys {sorted(unknown)}"
-            )
+            raise ValueError(f"GradientCompression.load_state_dict: unexpected keys {unknown}")
         if len(rngs) == 1:
             raise ValueError(
                 "GradientCompression.load_state_dict: needs both rng.rank and rng.shared"

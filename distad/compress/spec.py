@@ -43,14 +43,18 @@ _PLAIN: dict[str, Callable[[], Compressor]] = {
 }
 
 
+class _SpecError(ValueError):
+    """A bad spec, already worded with the spec and the usage line."""
+
+
 class _Args:
     """The ':'-separated arguments of one spec part, with errors that quote the spec."""
 
     def __init__(self, spec: str, usage: str, args: list[str]) -> None:
         self.spec, self.usage, self.args = spec, usage, args
 
-    def error(self, what: str) -> ValueError:
-        return ValueError(f"spec {self.spec!r}: {what} (usage: {self.usage})")
+    def error(self, what: str) -> _SpecError:
+        return _SpecError(f"spec {self.spec!r}: {what} (usage: {self.usage})")
 
     def count(self, least: int, most: int) -> list[str]:
         if not least <= len(self.args) <= most:
@@ -117,12 +121,13 @@ def parse_compressor(text: str, spec: str | None = None) -> Compressor:
     name, *args = text.strip().split(":")
     if name not in _USAGE:
         raise ValueError(f"unknown compressor {name!r} in spec {spec!r}; {usage()}")
+    a = _Args(spec, _USAGE[name], args)
     try:
-        return _build(name, _Args(spec, _USAGE[name], args))
-    except ValueError as e:
-        if str(e).startswith("spec "):
-            raise
-        raise ValueError(f"spec {spec!r}: {e} (usage: {_USAGE[name]})") from None
+        return _build(name, a)
+    except _SpecError:
+        raise
+    except ValueError as e:  # a constructor's own check, e.g. a ratio outside (0, 1]
+        raise a.error(str(e)) from None
 
 
 def _parse_memory(text: str, spec: str) -> Memory:
@@ -131,8 +136,9 @@ def _parse_memory(text: str, spec: str) -> Memory:
         return ErrorFeedback()
     if name == "dgc" and len(args) <= 1:
         a = _Args(spec, _MEMORIES["dgc"], args)
+        momentum = a.number(0) if args else 0.9
         try:
-            return DGCMomentum(a.number(0)) if args else DGCMomentum()
+            return DGCMomentum(momentum)
         except ValueError as e:
             raise a.error(str(e)) from None
     raise ValueError(f"unknown memory {'+' + text!r} in spec {spec!r}; {usage()}")
