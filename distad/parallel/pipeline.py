@@ -54,7 +54,7 @@ _MAX_DIMS = 6            # trailing dimensions of a batch that the step header c
 _HEADER = 10 + _MAX_DIMS  # see _header()
 _HANDSHAKE_TAG = 1 << 20  # tags below this are 2*i (activation) and 2*i+1 (gradient)
 _STATE_TAG = _HANDSHAKE_TAG + 1
-_SPIN_S = 5e-4           # waits spin (yielding the CPU) this long, then sleep between polls
+_SPIN_S = 5e-2           # waits spin (yielding the CPU) this long, then sleep between polls
 _SLEEP_S = 1e-4
 
 
@@ -203,6 +203,7 @@ class PipelineParallel(Module):
             dp = DataParallel(self.stage_module, data_parallel)
         object.__setattr__(self, "_dp", dp)
         object.__setattr__(self, "_plans", {})
+        object.__setattr__(self, "_unfinished", [])  # sends of the last step not yet completed
         object.__setattr__(self, "timeline", [])
         object.__setattr__(self, "last_output", None)
 
@@ -288,6 +289,9 @@ class PipelineParallel(Module):
 
     def close(self) -> None:
         """Release the private communicator and the data-parallel thread. Collective."""
+        for r in self._unfinished:
+            self._wait(r, "a send to complete", None)
+        self._unfinished.clear()
         if self._dp is not None:
             self._dp.close()
         self._comm.free()
@@ -300,9 +304,14 @@ class PipelineParallel(Module):
         loss = self._run(plan, xs, ys, loss_fn, train, t_start)
         if not train:
             return 0.0
-        value = np.array([loss], dtype=np.float64)
-        self._comm.bcast(value, root=self.num_stages - 1)
+        value = np.array([loss if self.is_last else 0.0], dtype=np.float64)
+        self._allreduce(value, "sum", "the loss from the last stage")
         return float(value[0])
+
+    def _allreduce(self, buf: np.ndarray, op: str, what: str) -> None:
+        """In-place allreduce waited for by polling: the last stage reaches the end of a step
+        (and stage 0 its start) long before the others, and must not spin a core meanwhile."""
+        self._wait(self._comm.iallreduce(buf, op=op, out=buf), what, None)
 
     def _prepare(self, x: Any, y: Any, train: bool) -> tuple[_Plan, list | None, list | None]:
         """Agree on the batch signature (one allreduce), build or look up its plan, split."""
@@ -315,7 +324,7 @@ class PipelineParallel(Module):
             head[1] = head[1] or xv is None or len(xv) == 0
         if self.is_last and train:
             head[-1] = 0 if yv is None or yv.ndim == 0 else len(yv) + 1
-        self._comm.allreduce(head, op="max", out=head)
+        self._allreduce(head, "max", "the batch signature from stage 0")
         batch, problem = int(head[0]), ""
         if head[1]:
             problem = (f"stage 0 (rank {self.world_ranks[0]}) needs the input batch x as an "
@@ -414,7 +423,7 @@ class PipelineParallel(Module):
         last_b = b_order[-1] if b_order else None
         acts_in: dict[int, Request] = {}
         grads_in: dict[int, Request] = {}
-        sends: list[Request] = []
+        sends: list[Request] = [r for r in self._unfinished if not r.test()]
         saved: dict[int, tuple[Tensor, Tensor]] = {}
         outputs: list[np.ndarray] = []
         spans: list[tuple[str, int, float, float]] = []
@@ -487,8 +496,11 @@ class PipelineParallel(Module):
                 spans.append(("wait", i, t0 - t_start, t1 - t_start))
             spans.append((kind, i, t1 - t_start, t2 - t_start))
             sends = [r for r in sends if not r.test()]
-        for r in sends:
-            self._wait(r, "a send to complete", None)
+        # Every message has been received (its receiver waited for it); a send request only
+        # learns so when the receiver's acknowledgement is progressed, maybe not before the
+        # receiver's next MPI call. Waiting here would add that delay to the step, so the
+        # requests (and their buffers) are kept and reaped from the next step on.
+        self._unfinished[:] = sends
         object.__setattr__(self, "timeline", spans)
         object.__setattr__(self, "last_output", np.concatenate(outputs) if outputs else None)
         return loss_sum
