@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 module = importlib.import_module(COMMANDS[key])
             except ModuleNotFoundError as e:
-                if e.name and e.name.startswith("distad"):
+                if e.name == COMMANDS[key]:
                     print(f"distad: '{key}' is not available in this version", file=sys.stderr)
                     return 2
                 raise
