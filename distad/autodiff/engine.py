@@ -298,10 +298,17 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
         else:
             datas = [a]
     else:
-        datas = [a.data if isinstance(a, Tensor) else a for a in args]
-        if record:
-            edges = [(i, a) for i, a in enumerate(args)
-                     if isinstance(a, Tensor) and a.requires_grad] or None
+        datas = []
+        for i, a in enumerate(args):
+            if isinstance(a, Tensor):
+                datas.append(a.data)
+                if record and a.requires_grad:
+                    if edges is None:
+                        edges = [(i, a)]
+                    else:
+                        edges.append((i, a))
+            else:
+                datas.append(a)
     try:
         y = prim.fwd(*datas, **kw) if kw else prim.fwd(*datas)
     except (ValueError, IndexError, TypeError) as e:
