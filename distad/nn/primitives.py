@@ -164,8 +164,19 @@ def _col2im_fwd(cols, shape: tuple, kernel: Pair, stride: Pair, padding: Pair):
     return out[:, ph:ph + h, pw:pw + w, :].transpose(0, 3, 1, 2)
 
 
+def _tiled(shape: tuple, kernel: Pair, stride: Pair, padding: Pair) -> bool:
+    """Windows tile the input exactly (stride = kernel, no padding, sizes divisible): the
+    common pooling case, where a reshape replaces all per-offset work."""
+    return (tuple(kernel) == tuple(stride) and not any(padding)
+            and shape[2] % kernel[0] == 0 and shape[3] % kernel[1] == 0)
+
+
 def _max_pool_fwd(x, kernel: Pair, stride: Pair, padding: Pair):
     """Window maxima (N, C, OH, OW): a running maximum over the kh*kw offsets."""
+    if _tiled(x.shape, kernel, stride, padding):
+        n, c, h, w = x.shape
+        (kh, kw) = kernel
+        return x.reshape(n, c, h // kh, kh, w // kw, kw).max(axis=(3, 5))
     xp = _pad_nchw(x, padding, float(np.finfo(x.dtype).min))  # padding never wins
     y = None
     for _, _, rows, cols in _offsets(kernel, stride, _out_hw(x.shape, kernel, stride, padding)):
@@ -179,9 +190,16 @@ def _max_pool_argmax(x, y, kernel: Pair, stride: Pair, padding: Pair):
     x, y = _v(x), _v(y)
     n, c, h, w = x.shape
     (ph, pw), (sh, sw), (oh, ow) = padding, stride, y.shape[2:]
+    plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)
+    if _tiled(x.shape, kernel, stride, padding):
+        kh, kw = kernel
+        k = (x.reshape(n, c, oh, kh, ow, kw).transpose(0, 1, 2, 4, 3, 5)
+             .reshape(n, c, oh, ow, kh * kw).argmax(-1))       # first maximum, row-major
+        r = np.arange(oh, dtype=np.int64)[:, None] * kh + k // kw
+        q = np.arange(ow, dtype=np.int64)[None, :] * kw + k % kw
+        return plane + r * w + q
     xp = _pad_nchw(x, padding, float(np.finfo(x.dtype).min))
     arg = np.full(y.shape, -1, dtype=np.int64)
-    plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)
     for i, j, rows, cols in _offsets(kernel, stride, (oh, ow)):
         r = np.arange(oh, dtype=np.int64) * sh + (i - ph)
         q = np.arange(ow, dtype=np.int64) * sw + (j - pw)
@@ -194,6 +212,12 @@ def _max_pool_argmax(x, y, kernel: Pair, stride: Pair, padding: Pair):
 def _max_pool_vjp(g, y, x, **geo):
     """Each window's cotangent goes to its maximum: a scatter-add, so it is differentiable."""
     arg = _max_pool_argmax(x, y, **geo)
+    if not isinstance(g, Tensor) and all(s >= k for s, k in zip(geo["stride"], geo["kernel"])):
+        # Windows do not overlap: every input receives from at most one window, so a
+        # plain assignment does what the scatter-add does, without np.add.at.
+        out = np.zeros(x.size, dtype=g.dtype)
+        out[arg.ravel()] = g.ravel()
+        return out.reshape(x.shape)
     return scatter_add(g, (arg,), (x.size,)).reshape(x.shape)
 
 
