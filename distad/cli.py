@@ -26,6 +26,8 @@ commands:
   bench engine          the autodiff engine against hand-written numpy
   bench collectives     MPI collectives and the DataParallel gradient sync
   bench compress        encode+decode throughput of every compressor
+  bench pipeline        pipeline bubble vs (p-1)/(m+p-1); activation memory GPipe vs 1F1B
+  bench scaling         weak/strong scaling sweeps with the cost model's predictions
   study compress        the same training job for several compressors: table and plots
 
 `distad <command> --help` describes each command's options."""

@@ -11,6 +11,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from distad.comm import failfast
+from distad.comm.collectives import (  # noqa: F401 (re-exported: ad.comm.allreduce, ...)
+    allgather,
+    allreduce,
+    copy_to_parallel,
+    gather_from_parallel,
+    recv,
+    reduce_from_parallel,
+    reduce_scatter,
+    scatter_to_parallel,
+    send,
+    wait_sends,
+)
 from distad.comm.errors import CommError, MismatchError
 
 if TYPE_CHECKING:

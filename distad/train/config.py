@@ -32,6 +32,7 @@ class TrainConfig:
     overlap: bool = True
     parallel: str = "dp"
     microbatches: int = 1
+    pipeline_schedule: str = "1f1b"
     checkpoint_dir: str = ""
     checkpoint_every: int = 0    # steps; 0: at the end of every epoch
     resume: bool = False
@@ -60,7 +61,11 @@ HELP = {
     "optimizer": "sgd, adam, adamw or lbfgs", "schedule": "none, step or cosine (per step)",
     "clip": "clip the global gradient norm to this (0: off)",
     "compress": "gradient compression spec, e.g. none, fp16, topk:0.01+ef, powersgd:2+ef",
-    "parallel": "dp (data parallel)", "microbatches": "micro-batches per step",
+    "parallel": "dp (data parallel), pp (pipeline: one stage per rank), tp (tensor-parallel "
+    "Linear pairs), dp,pp or dp,tp (2-way model parallel x data parallel); sized specs like "
+    "dp=2,pp=2 also work",
+    "microbatches": "micro-batches per step (pipeline parallelism)",
+    "pipeline_schedule": "gpipe or 1f1b (with --parallel pp or dp,pp)",
     "checkpoint_dir": "write checkpoints here", "checkpoint_every": "steps between checkpoints "
     "(0: every epoch)", "resume": "continue from the newest checkpoint in --checkpoint-dir",
     "out": "write metrics.jsonl, summary.json and model.npz here (rank 0)",
@@ -73,12 +78,13 @@ HELP = {
 
 CHOICES = {"model": ("mlp", "cnn"), "dataset": ("digits", "synthetic"),
            "optimizer": ("sgd", "adam", "adamw", "lbfgs"), "schedule": ("none", "step", "cosine"),
-           "parallel": ("dp",)}
+           "pipeline_schedule": ("gpipe", "1f1b")}
 
 
 def parser(prog: str = "distad train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a model with data parallelism "
-                                "over MPI (run under mpiexec for several ranks).")
+    p = argparse.ArgumentParser(prog=prog, description="Train a model with data, pipeline or "
+                                "tensor parallelism over MPI (run under mpiexec for several "
+                                "ranks).")
     add_arguments(p)
     return p
 

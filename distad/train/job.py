@@ -131,6 +131,10 @@ def evaluate(model: ad.nn.Module, X: np.ndarray, y: np.ndarray, comm: Communicat
 def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     """Train as configured; return the summary (same on every rank)."""
     comm = comm if comm is not None else Communicator()
+    if cfg.parallel != "dp":
+        from .model_parallel import run_model_parallel  # it imports this module
+
+        return run_model_parallel(cfg, comm)
     Xtr, Xte, ytr, yte = load_dataset(cfg)
     n_classes = int(max(ytr.max(), yte.max())) + 1
     model = build_model(cfg, Xtr.shape[1:], n_classes)
