@@ -210,3 +210,16 @@ def test_gather_from_parallel_gradient_is_this_ranks_chunk_of_the_replicated_cot
         return (np.tanh(np.concatenate(xs, axis=1)) * c).sum()
 
     check(x.grad, F, xs[r])
+
+
+def test_a_ring_exchange_needs_no_ordering_hint(comm):
+    """Every rank sends right, then receives from the left, without `after=`: the engine runs
+    the blocking half of backward (the send's, which receives the cotangent) only when nothing
+    else is ready, so every rank has already posted the cotangent its neighbour waits for."""
+    right, left = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+    x = ad.tensor(np.full(3, comm.rank + 1.0), requires_grad=True)
+    t = ad.comm.send(x * 2, right, comm)
+    z = ad.comm.recv((3,), np.float64, left, comm)
+    ((z * z).sum() + t).backward()
+    ad.comm.wait_sends()
+    np.testing.assert_allclose(x.grad, 8 * x.data)     # d/dx (2x)^2 on the right neighbour

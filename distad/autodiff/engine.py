@@ -132,6 +132,11 @@ class Primitive:
     Rules are written with operators and distad ops, so they run on numpy
     arrays (first order) and on Tensors (higher order) alike.
 
+    `blocking=True` marks a primitive whose VJP waits on another rank (the
+    backward of a send receives the cotangent): backward runs such vertices
+    only when nothing else is ready, so every rank first posts the messages
+    the others wait for.
+
     With `residual=True` the forward returns `(y, res)`: `res` (e.g. a
     fused op's intermediate) is kept on the tape and passed to the VJP rules
     as the keyword `res`, so backward need not recompute it.
@@ -140,7 +145,7 @@ class Primitive:
     Tensor input it returns a Tensor and records when a gradient is needed.
     """
 
-    __slots__ = ("name", "fwd", "vjp", "jvp", "residual", "__name__")
+    __slots__ = ("name", "fwd", "vjp", "jvp", "residual", "blocking", "__name__")
 
     def __init__(
         self,
@@ -149,10 +154,12 @@ class Primitive:
         vjp: Sequence[Callable] | Callable | None = None,
         jvp: Sequence[Callable] | Callable | None = None,
         residual: bool = False,
+        blocking: bool = False,
     ) -> None:
         self.name = self.__name__ = name
         self.fwd = fwd
         self.residual = residual
+        self.blocking = blocking
         self.vjp = _RuleTable(vjp) if callable(vjp) else tuple(vjp or ())
         self.jvp = _RuleTable(jvp) if callable(jvp) else tuple(jvp or ())
 
@@ -439,13 +446,14 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
     g0 = _seed(root, grad, create_graph)
     grads = {root: g0}
     ready = [root]
+    deferred: list[Tensor] = []  # vertices of blocking primitives, run when nothing else is
     anomaly = STATE.anomaly
     prev_enabled = STATE.grad_enabled
     STATE.grad_enabled = create_graph
     STATE.backward_depth += 1
     try:
-        while ready:
-            v = ready.pop()
+        while ready or deferred:
+            v = ready.pop() if ready else deferred.pop(0)
             g = grads.pop(v)
             prim = v._prim
             if stop is not None and (prim is None or v in stop):
@@ -473,7 +481,8 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
                 left = pending[a] - 1
                 if left == 0:
                     del pending[a]  # nothing else holds the vertex: its activation can go
-                    ready.append(a)
+                    p = a._prim
+                    (deferred if p is not None and p.blocking else ready).append(a)
                 else:
                     pending[a] = left
             if not retain_graph and not create_graph:

@@ -269,7 +269,8 @@ def _no_jvp(*args: Any, **kw: Any) -> Any:
     raise NotImplementedError("send/recv: forward mode (JVP) across ranks is not supported")
 
 
-send_p = Primitive("send", _send_fwd, vjp=(_send_vjp_x, _ordering_vjp), jvp=(_no_jvp, _no_jvp))
+send_p = Primitive("send", _send_fwd, vjp=(_send_vjp_x, _ordering_vjp), jvp=(_no_jvp, _no_jvp),
+                   blocking=True)  # its VJP receives the cotangent: run it last
 recv_p = Primitive("recv", _recv_fwd, vjp=(_recv_vjp,), jvp=(_no_jvp,))
 
 
