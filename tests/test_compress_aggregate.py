@@ -1,7 +1,8 @@
-"""Choosing an aggregation: capabilities and the alpha-beta cost model (no MPI needed)."""
+"""Choosing an aggregation: capabilities and the alpha-beta cost model; the mean into `out`."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import distad.compress as C
@@ -79,3 +80,49 @@ def test_allreduce_cost_counts_the_widened_sum_dtype():
 def test_strategy_that_cannot_carry_the_payload_is_refused(strategy, spec, message):
     with pytest.raises(ValueError, match=message):
         check_strategy(strategy, C.get(spec).compressor)
+
+
+def _one_rank_case(spec: str):
+    from mpi4py import MPI
+
+    c = C.get(spec).compressor
+    x = np.random.default_rng(3).standard_normal(4099, dtype=np.float32)
+    strategies = ["allgather", "dense_allreduce", "two_phase"]
+    strategies += ["allreduce"] * c.summable + ["majority"] * c.majority_vote
+    strategies = ["powersgd"] if c.multi_round else strategies
+    return MPI.COMM_SELF, c, x, strategies
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "int8", "sign", "topk:0.05", "powersgd:2"])
+def test_aggregate_writes_the_mean_into_out_when_given_one(spec):
+    comm, c, x, strategies = _one_rank_case(spec)
+    for strategy in strategies:
+        want = C.aggregate(comm, x, c, np.random.default_rng(0), strategy=strategy).mean
+        out = np.full(x.size, np.nan, np.float32)
+        got = C.aggregate(comm, x, c, np.random.default_rng(0), strategy=strategy, out=out)
+        assert got.mean is out, strategy
+        np.testing.assert_array_equal(out, want, err_msg=strategy)
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "int8", "sign", "topk:0.05", "powersgd:2"])
+def test_aggregate_into_the_bucket_itself_gives_the_same_mean(spec):
+    comm, c, x, strategies = _one_rank_case(spec)
+    for strategy in strategies:
+        want = C.aggregate(comm, x, c, np.random.default_rng(0), strategy=strategy).mean.copy()
+        buffer = x.copy()
+        got = C.aggregate(comm, buffer, c, np.random.default_rng(0), strategy=strategy, out=buffer)
+        assert got.mean is buffer, strategy
+        np.testing.assert_array_equal(buffer, want, err_msg=strategy)
+
+
+@pytest.mark.parametrize("spec", ["none", "fp16", "topk:0.05"])
+def test_sent_survives_the_mean_being_written_into_the_bucket(spec):
+    comm, c, x, strategies = _one_rank_case(spec)
+    for strategy in strategies:
+        want = C.aggregate(comm, x, c, np.random.default_rng(0), strategy=strategy, need_sent=True)
+        buffer = x.copy()
+        got = C.aggregate(
+            comm, buffer, c, np.random.default_rng(0), strategy=strategy, need_sent=True, out=buffer
+        )
+        assert not np.shares_memory(got.sent, buffer), strategy  # the mean cannot change it
+        np.testing.assert_array_equal(got.sent, want.sent, err_msg=strategy)

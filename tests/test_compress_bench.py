@@ -9,7 +9,9 @@ from distad.bench.compress import DEFAULT_SPECS, main, parse_size
 
 def test_bench_prints_a_markdown_row_per_compressor_and_size(capsys):
     assert main(["--sizes", "4K,8K", "--repeats", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    text = capsys.readouterr().out
+    assert "steady state" in text  # says how it measured: buffers reused, like a training run
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| compressor | floats |")
     assert len(rows) == 1 + 2 * len(DEFAULT_SPECS)
     assert any(r.startswith("| topk:0.01 | 8K | 656 |") for r in rows)  # 8 bytes x k=82

@@ -223,3 +223,92 @@ def test_identity_payload_is_the_bucket_itself():
     x = bucket(10)
     payload = C.Identity().compress(x)
     assert payload.arrays[0] is x and C.Identity().wire_bytes(10) == 40
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_decompress_into_out_equals_a_fresh_decompress_and_returns_out(spec, n):
+    c = compressor(spec)
+    payload = c.compress(bucket(n), np.random.default_rng(1))
+    out = np.full(n, np.nan, np.float32)  # stale contents must not leak through
+    got = c.decompress(payload, n, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, c.decompress(payload, n))
+
+
+@pytest.mark.parametrize("spec", ["fp16", "int8", "topk:0.1", "sign", "powersgd:2"])
+def test_decompress_rejects_an_out_of_the_wrong_dtype_or_shape(spec):
+    c, x = compressor(spec), bucket(1000)
+    payload = c.compress(x, np.random.default_rng(1))
+    for bad in (np.empty(1000, np.float64), np.empty(999, np.float32)):
+        with pytest.raises(ValueError, match="out must be a writeable contiguous float32"):
+            c.decompress(payload, 1000, out=bad)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "bf16", "int8", "qsgd:4", "sign", "onebit"])
+def test_a_kept_payload_is_never_overwritten_by_the_next_compress(spec):
+    c = compressor(spec)
+    first = c.compress(bucket(4099, seed=1), np.random.default_rng(1))
+    before = [a.copy() for a in first.arrays]
+    second = c.compress(bucket(4099, seed=2), np.random.default_rng(1))
+    for a, b, kept in zip(first.arrays, second.arrays, before):
+        assert not np.shares_memory(a, b)
+        np.testing.assert_array_equal(a, kept)
+
+
+def test_a_released_payload_array_is_reused_by_the_next_compress():
+    c, x = C.Int8(), bucket(4099)
+    address = c.compress(x).arrays[0].__array_interface__["data"][0]
+    assert c.compress(x).arrays[0].__array_interface__["data"][0] == address
+
+
+def test_fp16_matches_numpy_astype_bit_for_bit_over_the_whole_float32_range():
+    rng = np.random.default_rng(15)
+    bits = rng.integers(0, 2**32, 1 << 20, dtype=np.uint32)
+    tiny = rng.standard_normal(1 << 18, dtype=np.float32) * np.float32(1e-5)  # half subnormals
+    x = np.concatenate([bits.view(np.float32), tiny, np.float32([0.0, -0.0, 65519.99, 65520])])
+    x = x[~np.isnan(x)]  # NaN payloads: numpy keeps some mantissa bits, checked below
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(C.FP16().compress(x).arrays[0].view(np.uint16), want)
+
+
+def test_fp16_keeps_nan():
+    x = np.array([1.0, np.nan, -np.nan, 2.0], np.float32)
+    assert np.isnan(round_trip(C.FP16(), x)[1:3]).all()
+
+
+def test_topk_keeps_the_lowest_indices_among_ties_at_the_kth_magnitude():
+    x = np.zeros(300_000, np.float32)
+    x[::100] = np.float32(3.0)  # 3000 equal magnitudes, k = 2000 of them fit
+    x[1::1000] = np.float32(-5.0)  # 300 larger ones, all kept
+    values, indices = C.TopK(2000 / x.size).compress(x).arrays
+    ties = np.flatnonzero(x == 3.0)[: 2000 - 300]
+    np.testing.assert_array_equal(
+        indices, np.sort(np.concatenate([ties, np.arange(1, x.size, 1000)]))
+    )
+    np.testing.assert_array_equal(values, x[indices])
+
+
+@pytest.mark.parametrize(("n", "k"), [(1000, 50), (1000, 300), (100_000, 1000)])
+def test_randk_indices_are_distinct_sorted_and_uniform(n, k):
+    from distad.compress.sparsifiers import sample_indices
+
+    rng, draws = np.random.default_rng(16), 3000
+    counts = np.zeros(n, np.int64)
+    for _ in range(draws):
+        idx = sample_indices(rng, n, k)
+        assert idx.size == k and np.all(np.diff(idx) > 0) and idx[0] >= 0 and idx[-1] < n
+        counts[idx] += 1
+    mean, std = draws * k / n, np.sqrt(draws * k / n * (1 - k / n))
+    assert np.abs(counts - mean).max() < 5.5 * std  # each index in a draw with probability k/n
+
+
+def test_fp16_decodes_every_half_bit_pattern_like_numpy():
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = halves[np.isfinite(halves)]  # alone, so no block falls back to numpy's cast
+    got = C.FP16().decompress(C.Payload((finite,)), finite.size)
+    np.testing.assert_array_equal(got.view(np.uint32), finite.astype(np.float32).view(np.uint32))
+    special = np.float16([1.0, np.inf, -np.inf, np.nan, -2.0])
+    got = C.FP16().decompress(C.Payload((special,)), special.size)
+    np.testing.assert_array_equal(got, special.astype(np.float32))

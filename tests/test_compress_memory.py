@@ -125,3 +125,27 @@ def test_gradient_compression_state_holds_only_numpy_arrays():
     state = run.state_dict()
     assert set(state) == {"memory.residual.layer", "powersgd.q.layer", "rng.rank", "rng.shared"}
     assert all(isinstance(v, np.ndarray) for v in state.values())
+
+
+@pytest.mark.parametrize("spec", ["topk:0.05+ef", "qsgd:4+ef", "none", "powersgd:2+ef", "sign"])
+def test_reduce_bucket_into_the_gradient_buffer_matches_a_fresh_mean(spec):
+    comm, grads = MPI.COMM_SELF, gradients(3, n=4096)
+    fresh, into = C.get(spec, seed=3), C.get(spec, seed=3)
+    for g in grads:
+        want = fresh.reduce_bucket(comm, 0, g).mean
+        buffer = g.copy()
+        result = into.reduce_bucket(comm, 0, buffer, out=buffer)
+        assert result.mean is buffer
+        np.testing.assert_array_equal(buffer, want)
+    for key, value in fresh.state_dict().items():
+        np.testing.assert_array_equal(into.state_dict()[key], value)
+
+
+def test_error_feedback_reuses_one_array_per_bucket_from_step_to_step():
+    memory, c, rng = C.ErrorFeedback(), C.TopK(0.05), np.random.default_rng(0)
+    compress_step(memory, c, gradients(1)[0], rng)
+    residual = memory.residual["b"]
+    compensated = memory.compensate("b", gradients(1, seed=1)[0])
+    assert compensated is residual  # the residual's array, now holding g + e
+    memory.update("b", compensated, c.decompress(c.compress(compensated), N))
+    assert memory.residual["b"] is residual

@@ -20,6 +20,11 @@ Strategies, by name:
 ``choose_aggregation`` picks among the strategies whose result is the exact mean of the ranks'
 decompressed payloads (allreduce, allgather, dense_allreduce) with an alpha-beta cost model;
 two_phase (which compresses twice) and majority are used when asked for.
+
+Every strategy takes an optional ``out`` (float32, (n,), C-contiguous) and then writes the mean
+there instead of into a new array; ``out`` may be the bucket x itself, which is read for the
+last time before ``out`` is written. Decoding into a buffer the caller reuses every step saves
+the page faults of a fresh array (about 13 ms for 64 MB on the reference machine).
 """
 
 from __future__ import annotations
@@ -33,8 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from .base import Compressor, Payload, check_bucket
-from .powersgd import PowerSGD, as_matrix, orthogonalise
+from .base import Compressor, Payload, check_bucket, output_array
+from .powersgd import (
+    PowerSGD,
+    as_matrix,
+    low_rank_into,
+    matmul_rows,
+    matmul_transposed,
+    orthogonalise,
+)
 
 STRATEGIES = ("allreduce", "dense_allreduce", "allgather", "two_phase", "majority", "powersgd")
 
@@ -199,6 +211,26 @@ def _mean_in_place(total: np.ndarray, count: int) -> np.ndarray:
     return total
 
 
+def _destination(out: np.ndarray | None, n: int, op: str) -> np.ndarray | None:
+    return None if out is None else output_array(out, n, op)
+
+
+def _detached(sent: np.ndarray | None, dest: np.ndarray | None) -> np.ndarray | None:
+    """``sent``, copied if it shares memory with ``dest`` (the payload of ``none`` is x itself,
+    and x may be the caller's ``out``), so that writing the mean cannot change it."""
+    if sent is not None and dest is not None and np.may_share_memory(sent, dest):
+        return sent.copy()
+    return sent
+
+
+def _deliver(mean: np.ndarray, dest: np.ndarray | None) -> np.ndarray:
+    """``mean`` in ``dest`` if the caller gave one (copied only if it is not there already)."""
+    if dest is None or mean is dest:
+        return mean
+    np.copyto(dest, mean)
+    return dest
+
+
 def allreduce_payloads(
     comm: Any,
     x: np.ndarray,
@@ -206,6 +238,7 @@ def allreduce_payloads(
     rng: np.random.Generator | None = None,
     *,
     need_sent: bool = False,
+    out: np.ndarray | None = None,
 ) -> Aggregated:
     """``allreduce``: Allreduce(SUM) of a summable payload on its widened dtypes, then decode.
 
@@ -217,6 +250,7 @@ def allreduce_payloads(
     x = check_bucket(x, "allreduce")
     if not compressor.summable:
         raise ValueError(f"allreduce: {compressor.spec} payloads are not summable")
+    dest = _destination(out, x.size, "allreduce")
     t = _Traffic(comm)
     p, n = t.size, x.size
     meta = _shared_meta(t, compressor, x)
@@ -228,7 +262,7 @@ def allreduce_payloads(
     sent = None
     if need_sent:
         with t.phase("decompress"):
-            sent = compressor.decompress(payload, n)
+            sent = _detached(compressor.decompress(payload, n), dest)
             if divide:
                 sent = sent * np.float32(p)
     sums = []
@@ -238,9 +272,11 @@ def allreduce_payloads(
         else:
             sums.append(t.allreduce_in_place(a, "sum"))
     with t.phase("decompress"):
-        mean = compressor.decompress(Payload(tuple(sums), payload.meta), n)
-        if not divide:
-            mean = mean / np.float32(p) if np.may_share_memory(mean, x) else _mean_in_place(mean, p)
+        mean = compressor.decompress(Payload(tuple(sums), payload.meta), n, out=dest)
+        if not divide:  # in place, unless mean is x itself (the payload of `none`)
+            own = mean is dest or not np.may_share_memory(mean, x)
+            mean = _mean_in_place(mean, p) if own else mean / np.float32(p)
+        mean = _deliver(mean, dest)
     return t.result(mean, "allreduce", sent)
 
 
@@ -251,6 +287,7 @@ def dense_allreduce(
     rng: np.random.Generator | None = None,
     *,
     need_sent: bool = False,
+    out: np.ndarray | None = None,
 ) -> Aggregated:
     """``dense_allreduce``: decompress this rank's payload and Allreduce(SUM) it as float32.
 
@@ -258,18 +295,21 @@ def dense_allreduce(
     payload of density above about 1/p it is cheaper than allgather.
     """
     x = check_bucket(x, "dense_allreduce")
+    dest = _destination(out, x.size, "dense_allreduce")
     t = _Traffic(comm)
     meta = _shared_meta(t, compressor, x)
     with t.phase("compress"):
         payload = compressor.compress(x, rng, meta)
-    with t.phase("decompress"):
-        dense = compressor.decompress(payload, x.size)
-    if need_sent or np.may_share_memory(dense, x):
+    with t.phase("decompress"):  # into dest unless it must survive as `sent`
+        dense = compressor.decompress(payload, x.size, out=None if need_sent else dest)
+        if need_sent:
+            dense = _detached(dense, dest)
+    if need_sent or (dense is not dest and np.may_share_memory(dense, x)):
         total = t.allreduce(dense, "sum")
     else:
         total = t.allreduce_in_place(dense, "sum")
     with t.phase("decompress"):
-        mean = _mean_in_place(total, t.size)
+        mean = _deliver(_mean_in_place(total, t.size), dest)
     return t.result(mean, "dense_allreduce", dense if need_sent else None)
 
 
@@ -280,6 +320,7 @@ def allgather_payloads(
     rng: np.random.Generator | None = None,
     *,
     need_sent: bool = False,
+    out: np.ndarray | None = None,
 ) -> Aggregated:
     """``allgather``: gather every rank's payload bytes, decompress and sum them in float32.
 
@@ -287,6 +328,7 @@ def allgather_payloads(
     sizes (8 bytes per rank), then Allgatherv. Each rank receives p payloads.
     """
     x = check_bucket(x, "allgather")
+    dest = _destination(out, x.size, "allgather")
     t = _Traffic(comm)
     n = x.size
     meta = _shared_meta(t, compressor, x)
@@ -297,10 +339,12 @@ def allgather_payloads(
     counts = None if compressor.fixed_size else t.exchange_counts([buf.size], personal=False)
     blocks = t.allgatherv(buf, counts)
     with t.phase("decompress"):
-        total = np.zeros(n, np.float32)
-        for block in blocks:
+        sent = _detached(compressor.decompress(payload, n), dest) if need_sent else None
+        total = np.empty(n, np.float32) if dest is None else dest
+        first, *rest = blocks  # the first decoded in place of zeros + accumulate
+        compressor.decompress(compressor.unpack(first, n, payload.meta), n, out=total)
+        for block in rest:
             compressor.accumulate(compressor.unpack(block, n, payload.meta), total)
-        sent = compressor.decompress(payload, n) if need_sent else None
         mean = _mean_in_place(total, t.size)
     return t.result(mean, "allgather", sent)
 
@@ -312,6 +356,7 @@ def two_phase_exchange(
     rng: np.random.Generator | None = None,
     *,
     need_sent: bool = False,
+    out: np.ndarray | None = None,
 ) -> Aggregated:
     """``two_phase``: compressed reduce-scatter, then compressed allgather.
 
@@ -328,7 +373,8 @@ def two_phase_exchange(
     if compressor.multi_round:
         raise ValueError(f"two_phase: {compressor.spec} needs its own multi-round exchange")
     if x.size < mpi_comm(comm).Get_size():
-        return allgather_payloads(comm, x, compressor, rng, need_sent=need_sent)
+        return allgather_payloads(comm, x, compressor, rng, need_sent=need_sent, out=out)
+    dest = _destination(out, x.size, "two_phase")
     t = _Traffic(comm)
     p, me, n = t.size, t.rank, x.size
     bounds = [j * n // p for j in range(p + 1)]
@@ -346,9 +392,11 @@ def two_phase_exchange(
         recv_counts = t.exchange_counts(send_counts, personal=True)
     blocks = t.alltoallv(send, send_counts, recv_counts)
     with t.phase("decompress"):
-        mine = np.zeros(sizes[me], np.float32)
-        for block in blocks:
-            compressor.accumulate(compressor.unpack(block, sizes[me], parts[me].meta), mine)
+        mine = np.empty(sizes[me], np.float32)
+        first, *rest = (compressor.unpack(b, sizes[me], parts[me].meta) for b in blocks)
+        compressor.decompress(first, sizes[me], out=mine)
+        for chunk in rest:
+            compressor.accumulate(chunk, mine)
     with t.phase("compress"):
         reduced = compressor.compress(_mean_in_place(mine, p), rng, parts[me].meta)
     if compressor.fixed_size:
@@ -357,14 +405,16 @@ def two_phase_exchange(
         counts = t.exchange_counts([reduced.nbytes], personal=False)
     blocks = t.allgatherv(reduced.to_bytes(), counts)
     with t.phase("decompress"):
-        out = np.empty(n, np.float32)
+        sent = None
+        if need_sent:  # before dest is written: parts may be views of x, and x may be dest
+            sent = np.empty(n, np.float32)
+            for j, part in enumerate(parts):
+                compressor.decompress(part, sizes[j], out=sent[bounds[j] : bounds[j + 1]])
+        mean = np.empty(n, np.float32) if dest is None else dest
         for j, block in enumerate(blocks):
             chunk = compressor.unpack(block, sizes[j], parts[j].meta)
-            out[bounds[j] : bounds[j + 1]] = compressor.decompress(chunk, sizes[j])
-        sent = None
-        if need_sent:
-            sent = np.concatenate([compressor.decompress(pt, s) for pt, s in zip(parts, sizes)])
-    return t.result(out, "two_phase", sent)
+            compressor.decompress(chunk, sizes[j], out=mean[bounds[j] : bounds[j + 1]])
+    return t.result(mean, "two_phase", sent)
 
 
 def majority_vote(
@@ -374,6 +424,7 @@ def majority_vote(
     rng: np.random.Generator | None = None,
     *,
     need_sent: bool = False,
+    out: np.ndarray | None = None,
 ) -> Aggregated:
     """``majority``: signSGD with majority vote (Bernstein et al. 2018).
 
@@ -383,6 +434,7 @@ def majority_vote(
     x = check_bucket(x, "majority")
     if not compressor.majority_vote:
         raise ValueError(f"majority: {compressor.spec} does not send packed sign bits")
+    dest = _destination(out, x.size, "majority")
     t = _Traffic(comm)
     n = x.size
     with t.phase("compress"):
@@ -390,13 +442,15 @@ def majority_vote(
         _check_size(compressor, payload, n, "majority")
     blocks = t.allgatherv(payload.arrays[0], None)
     with t.phase("decompress"):
+        sent = compressor.decompress(payload, n) if need_sent else None
         ones = np.zeros(n, np.int32)
         for block in blocks:
             ones += np.unpackbits(block, count=n)
-        twice = 2 * ones
-        vote = (twice > t.size).astype(np.float32)
-        vote -= twice < t.size
-        sent = compressor.decompress(payload, n) if need_sent else None
+        ones *= 2  # sign(2 ones - p): +1 for a majority of ones, -1 of zeros, 0 on a tie
+        ones -= t.size
+        np.sign(ones, out=ones)
+        vote = np.empty(n, np.float32) if dest is None else dest
+        np.copyto(vote, ones, casting="same_kind")
     return t.result(vote, "majority", sent)
 
 
@@ -409,6 +463,7 @@ def powersgd_exchange(
     state: np.ndarray | None = None,
     shapes: Sequence[Sequence[int]] | None = None,
     need_sent: bool = False,
+    out: np.ndarray | None = None,
 ) -> Aggregated:
     """``powersgd``: rank-r PowerSGD as two explicit allreduce rounds.
 
@@ -427,6 +482,7 @@ def powersgd_exchange(
     x = check_bucket(x, "powersgd")
     if not isinstance(compressor, PowerSGD):
         raise ValueError(f"powersgd: needs a PowerSGD compressor, got {compressor.spec}")
+    dest = _destination(out, x.size, "powersgd")
     t = _Traffic(comm)
     p, n, r = t.size, x.size, compressor.rank
     blocks = compressor.plan(n, shapes)
@@ -443,8 +499,8 @@ def powersgd_exchange(
         qs = _views(state, [(b.cols, r) for b in low_rank])
         round1 = np.empty(p_size + sum(b.size for b in dense), np.float32)
         ps = _views(round1, [(b.rows, r) for b in low_rank])
-        for m, q, out in zip(matrices, qs, ps):
-            np.matmul(m, q, out=out)
+        for m, q, pm in zip(matrices, qs, ps):
+            matmul_rows(m, q, pm)
         offset = p_size
         for b in dense:
             round1[offset : offset + b.size] = x[b.start : b.start + b.size]
@@ -455,21 +511,21 @@ def powersgd_exchange(
         ps = [orthogonalise(pm) for pm in ps]
         round2 = np.empty(q_size, np.float32)
         new_qs = _views(round2, [(b.cols, r) for b in low_rank])
-        for m, pm, out in zip(matrices, ps, new_qs):
-            np.matmul(m.T, pm, out=out)
+        for m, pm, q in zip(matrices, ps, new_qs):
+            matmul_transposed(m, pm, q)
     sent = None
     if need_sent:  # the local term, from this rank's Q before it is averaged
         with t.phase("decompress"):
             sent = np.array(x, copy=True)
             for b, pm, q in zip(low_rank, ps, new_qs):
-                sent[b.start : b.start + b.size] = (pm @ q.T).reshape(-1)[: b.size]
+                low_rank_into(pm, q, sent[b.start : b.start + b.size])
     if low_rank:
         t.allreduce_in_place(round2, "sum")
     with t.phase("decompress"):
         _mean_in_place(round2, p)
-        mean = np.empty(n, np.float32)
+        mean = np.empty(n, np.float32) if dest is None else dest
         for b, pm, q in zip(low_rank, ps, new_qs):
-            mean[b.start : b.start + b.size] = (pm @ q.T).reshape(-1)[: b.size]
+            low_rank_into(pm, q, mean[b.start : b.start + b.size])
         offset = p_size
         for b in dense:
             mean[b.start : b.start + b.size] = round1[offset : offset + b.size]
@@ -595,18 +651,20 @@ def aggregate(
     need_sent: bool = False,
     state: np.ndarray | None = None,
     shapes: Sequence[Sequence[int]] | None = None,
+    out: np.ndarray | None = None,
 ) -> Aggregated:
     """Average one bucket over the ranks of ``comm`` with ``strategy`` (or the chosen one).
 
     ``rng`` must be in the same state on every rank for compressors with
     ``needs_shared_seed``, and should differ between ranks otherwise. ``state`` and ``shapes``
-    are PowerSGD's (see ``powersgd_exchange``) and ignored by the other strategies.
+    are PowerSGD's (see ``powersgd_exchange``) and ignored by the other strategies. With
+    ``out`` (float32, (n,); may be x itself) the mean is written there.
     """
     if strategy == "auto":
         strategy = choose_aggregation(compressor, x.size, mpi_comm(comm).Get_size(), cost_model)
     check_strategy(strategy, compressor)
     if strategy == "powersgd":
         return powersgd_exchange(
-            comm, x, compressor, rng, state=state, shapes=shapes, need_sent=need_sent
+            comm, x, compressor, rng, state=state, shapes=shapes, need_sent=need_sent, out=out
         )
-    return _BY_NAME[strategy](comm, x, compressor, rng, need_sent=need_sent)
+    return _BY_NAME[strategy](comm, x, compressor, rng, need_sent=need_sent, out=out)

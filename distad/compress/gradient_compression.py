@@ -96,12 +96,16 @@ class GradientCompression:
         grad: np.ndarray,
         *,
         shapes: Sequence[Sequence[int]] | None = None,
+        out: np.ndarray | None = None,
     ) -> Aggregated:
         """Average one bucket's gradient (float32, (n,)) over the ranks of ``comm``.
 
         Every rank calls this for the same buckets in the same order. ``shapes`` (the bucket's
         tensor shapes, sizes adding up to n) lets PowerSGD compress each matrix on its own.
-        Returns the :class:`Aggregated` mean and the exact bytes this rank passed to MPI.
+        With ``out`` (float32, (n,), C-contiguous; may be ``grad`` itself) the mean is written
+        there, and ``.mean`` is ``out``: a caller that reuses its bucket buffer every step
+        avoids a fresh array per bucket. Returns the :class:`Aggregated` mean and the exact
+        bytes this rank passed to MPI.
         """
         if self._rank_rng is None:
             rank = mpi_comm(comm).Get_rank()
@@ -119,6 +123,7 @@ class GradientCompression:
             need_sent=self.memory.needs_sent,
             state=self._q.get(str(bucket)),
             shapes=shapes,
+            out=out,
         )
         self.memory.update(bucket, compensated, result.sent)
         if result.state is not None:

@@ -5,7 +5,10 @@ A memory sits between the gradient and the compressor of one bucket:
 ``memory.update(bucket, c, sent)`` stores what was left behind, where ``sent`` is what this
 rank's own payload decompresses to. State is per bucket id and belongs to the run: it goes
 into checkpoints through ``state_dict()`` (numpy arrays only) and back through
-``load_state_dict``.
+``load_state_dict``. The memories work in place: ``compensate`` returns the bucket's state
+array turned into the compensated gradient and ``update`` turns it back, so a step allocates
+nothing (a fresh array of a 64 MB bucket costs about 13 ms of page faults). Between the two
+calls the state array holds c, not the residual.
 """
 
 from __future__ import annotations
@@ -117,12 +120,17 @@ class ErrorFeedback(Memory):
 
     def compensate(self, bucket: BucketId, grad: np.ndarray) -> np.ndarray:
         e = _checked_state(self.residual, str(bucket), grad, "ErrorFeedback.compensate")
-        return grad + e
+        e += grad  # the residual's array now holds g + e
+        return e
 
     def update(self, bucket: BucketId, compensated: np.ndarray, sent: np.ndarray | None) -> None:
         if sent is None:
             raise ValueError("ErrorFeedback.update: needs what was sent")
-        self.residual[str(bucket)] = compensated - sent
+        key = str(bucket)
+        e = self.residual.get(key)
+        if e is None or e.shape != compensated.shape:
+            e = self.residual[key] = np.empty_like(compensated)
+        np.subtract(compensated, sent, out=e)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {f"residual.{k}": v.copy() for k, v in self.residual.items()}
@@ -160,13 +168,17 @@ class DGCMomentum(Memory):
         v = _checked_state(self.v, key, grad, "DGCMomentum.compensate")
         u *= np.float32(self.momentum)
         u += grad
-        return v + u
+        v += u  # the velocity's array now holds v + u
+        return v
 
     def update(self, bucket: BucketId, compensated: np.ndarray, sent: np.ndarray | None) -> None:
         if sent is None:
             raise ValueError("DGCMomentum.update: needs what was sent")
         key = str(bucket)
-        self.v[key] = compensated - sent
+        v = self.v.get(key)
+        if v is None or v.shape != compensated.shape:
+            v = self.v[key] = np.empty_like(compensated)
+        np.subtract(compensated, sent, out=v)
         self.u[key][sent != 0] = 0
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -15,7 +15,16 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .base import ArraySpec, Compressor, Payload, check_bucket, check_payload, need_rng
+from .base import (
+    BLOCK,
+    ArraySpec,
+    Compressor,
+    Payload,
+    check_bucket,
+    check_payload,
+    need_rng,
+    output_array,
+)
 
 _F32 = np.dtype(np.float32)
 
@@ -38,6 +47,49 @@ class MatrixBlock:
 def orthogonalise(p: np.ndarray) -> np.ndarray:
     """Orthonormal columns spanning P's columns (float32, P's shape), from a reduced QR."""
     return np.linalg.qr(p)[0].astype(np.float32, copy=False)
+
+
+# The products with the big matrix M run on bands of rows of about BLOCK elements: BLAS's gemm
+# on a (rows, cols) @ (cols, r) or (rows, r) @ (r, cols) product with r of 1 to 4 spends more
+# time packing panels than multiplying, and on bands that fit in cache it runs 2-3x faster.
+
+
+def _band(cols: int) -> int:
+    return max(1, BLOCK // max(cols, 1))
+
+
+def matmul_rows(m: np.ndarray, q: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = M Q for M (rows, cols) and Q (cols, r), band by band (float32)."""
+    step = _band(m.shape[1])
+    for i in range(0, m.shape[0], step):
+        np.matmul(m[i : i + step], q, out=out[i : i + step])
+    return out
+
+
+def matmul_transposed(m: np.ndarray, p: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = M^T P for M (rows, cols) and P (rows, r): the sum over bands of M_b^T P_b."""
+    step = _band(m.shape[1])
+    if step >= m.shape[0]:
+        return np.matmul(m.T, p, out=out)
+    out.fill(0)
+    for i in range(0, m.shape[0], step):
+        out += m[i : i + step].T @ p[i : i + step]
+    return out
+
+
+def low_rank_into(p: np.ndarray, q: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The first out.size elements of P Q^T (P (rows, r), Q (cols, r)), row-major, into the
+    flat float32 ``out``, band by band."""
+    cols = q.shape[0]
+    qt = np.ascontiguousarray(q.T)
+    full = out.size // cols
+    rows = out[: full * cols].reshape(full, cols)
+    step = _band(cols)
+    for i in range(0, full, step):
+        np.matmul(p[i : min(i + step, full)], qt, out=rows[i : i + step])
+    if full * cols < out.size:  # a last, partial row (the rest is zero padding)
+        out[full * cols :] = (p[full] @ qt)[: out.size - full * cols]
+    return out
 
 
 class PowerSGD(Compressor):
@@ -112,31 +164,36 @@ class PowerSGD(Compressor):
         (b,) = self.plan(x.size)
         if not b.compressed:
             return Payload((x,))
-        m = as_matrix(x, b)
+        m = as_matrix(x, b, self.scratch("padded", b.rows * b.cols, np.float32))
         if meta and "q" in meta:
             q = np.asarray(meta["q"], np.float32).reshape(b.cols, self.rank)
         else:
             rng = need_rng(rng, f"{self.spec}.compress")
             q = rng.standard_normal((b.cols, self.rank), dtype=np.float32)
-        p = orthogonalise(m @ q)
-        return Payload(((p.reshape(-1)), (m.T @ p).reshape(-1)))
+        p = orthogonalise(matmul_rows(m, q, np.empty((b.rows, self.rank), np.float32)))
+        q = matmul_transposed(m, p, np.empty((b.cols, self.rank), np.float32))
+        return Payload((p.reshape(-1), q.reshape(-1)))
 
-    def decompress(self, payload: Payload, n: int) -> np.ndarray:
+    def decompress(self, payload: Payload, n: int, out: np.ndarray | None = None) -> np.ndarray:
         check_payload(payload, self.wire_layout(n), f"{self.spec}.decompress")
         (b,) = self.plan(n)
         if not b.compressed:
-            return payload.arrays[0].astype(np.float32, copy=False)
+            if out is None:
+                return payload.arrays[0].astype(np.float32, copy=False)
+            np.copyto(output_array(out, n, f"{self.spec}.decompress"), payload.arrays[0])
+            return out
         p = payload.arrays[0].reshape(b.rows, self.rank)
         q = payload.arrays[1].reshape(b.cols, self.rank)
-        return (p @ q.T).reshape(-1)[:n]
+        return low_rank_into(p, q, output_array(out, n, f"{self.spec}.decompress"))
 
 
-def as_matrix(x: np.ndarray, block: MatrixBlock) -> np.ndarray:
-    """The block's elements of the flat x as a (rows, cols) float32 matrix (zero-padded copy
-    only when rows * cols exceeds the block's size)."""
+def as_matrix(x: np.ndarray, block: MatrixBlock, scratch: np.ndarray | None = None) -> np.ndarray:
+    """The block's elements of the flat x as a (rows, cols) float32 matrix (a zero-padded copy,
+    in ``scratch`` if given, only when rows * cols exceeds the block's size)."""
     part = x[block.start : block.start + block.size]
     if block.rows * block.cols == block.size:
         return part.reshape(block.rows, block.cols)
-    padded = np.zeros(block.rows * block.cols, np.float32)
+    padded = np.empty(block.rows * block.cols, np.float32) if scratch is None else scratch
     padded[: block.size] = part
+    padded[block.size :] = 0
     return padded.reshape(block.rows, block.cols)

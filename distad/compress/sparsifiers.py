@@ -24,6 +24,7 @@ from .base import (
     check_payload,
     count_for_ratio,
     need_rng,
+    output_array,
 )
 
 _F32 = np.dtype(np.float32)
@@ -42,47 +43,110 @@ def _check_index_range(x: np.ndarray, op: str) -> None:
         raise ValueError(f"{op}: int32 indices address < 2**31 elements, got a bucket of {x.size}")
 
 
-def indices_above(x: np.ndarray, threshold: np.float32) -> np.ndarray:
-    """Sorted int64 indices i with |x[i]| > threshold, from one blocked pass over x."""
-    found = []
-    a = np.empty(min(x.size, BLOCK), np.float32)
-    mask = np.empty(a.size, bool)
+def indices_above(
+    x: np.ndarray, threshold: np.float32, work=None, mask=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted int64 indices i with |x[i]| > threshold, and x[i] (float32), in one blocked pass.
+
+    The values are taken from each block while it is in cache, not gathered from memory
+    afterwards. ``work`` (float32) and ``mask`` (bool), at least min(n, BLOCK) long, are used
+    if given.
+    """
+    found, values = [], []
+    a = np.empty(min(x.size, BLOCK), np.float32) if work is None else work
+    mask = np.empty(a.size, bool) if mask is None else mask
     for s in block_slices(x.size):
         ab, mb = a[: s.stop - s.start], mask[: s.stop - s.start]
         np.abs(x[s], out=ab)
         np.greater(ab, threshold, out=mb)
         hits = np.flatnonzero(mb)
         if hits.size:
-            found.append(hits + s.start)
-    return np.concatenate(found) if found else np.empty(0, np.int64)
+            values.append(x[s][hits])
+            hits += s.start
+            found.append(hits)
+    if not found:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    return np.concatenate(found), np.concatenate(values)
 
 
-def top_magnitudes(x: np.ndarray, k: int) -> np.ndarray:
-    """Sorted int64 indices of the k largest |x| (ties at the k-th broken arbitrarily).
+def top_magnitudes(x: np.ndarray, k: int, work=None, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted int64 indices of the k largest |x|, and their values; of equal magnitudes, the
+    lowest indices first.
 
-    A threshold from a strided sample of 64 Ki magnitudes picks about 2k candidates in one
-    blocked pass, and np.argpartition runs on the candidates only. Every element outside the
-    candidates is <= the threshold < every candidate, so when there are at least k candidates
-    the k largest among them are the k largest overall; otherwise (rare) it partitions all of x.
+    A threshold from a strided sample of 64 Ki magnitudes picks somewhat more than k candidates
+    in one blocked pass (``indices_above``), and the selection runs on the candidates only.
+    Every element outside the candidates is <= the threshold < every candidate, so when there
+    are at least k candidates the k largest among them are the k largest overall; otherwise
+    (rare: a sample that misjudges the data) the selection runs on all of x.
     """
     n = x.size
     if 8 * k >= n or n <= 4 * BLOCK:
-        return np.sort(np.argpartition(np.abs(x), n - k)[n - k :])
+        indices = _k_largest(np.abs(x), k)
+        return indices, x[indices]
     sample = np.abs(x[:: max(1, n // (1 << 16))])
-    above = min(sample.size, math.ceil(2 * k * sample.size / n) + 2)
+    # Aim at the sample count above the k-th magnitude plus 4 standard deviations.
+    expected = k * sample.size / n
+    above = min(sample.size, math.ceil(expected + 4 * math.sqrt(expected)) + 2)
     threshold = np.partition(sample, sample.size - above)[sample.size - above]
-    candidates = indices_above(x, threshold)
+    candidates, values = indices_above(x, threshold, work, mask)
     if candidates.size < k:
-        return np.sort(np.argpartition(np.abs(x), n - k)[n - k :])
-    keep = np.argpartition(np.abs(x[candidates]), candidates.size - k)[candidates.size - k :]
-    return np.sort(candidates[keep])
+        indices = _k_largest(np.abs(x), k)
+        return indices, x[indices]
+    keep = _k_largest(np.abs(values), k)
+    return candidates[keep], values[keep]
 
 
-def scatter(values: np.ndarray, indices: np.ndarray, n: int) -> np.ndarray:
-    """Dense float32 (n,) with ``values`` at ``indices`` and zeros elsewhere."""
-    out = np.zeros(n, np.float32)
+def _k_largest(magnitudes: np.ndarray, k: int) -> np.ndarray:
+    """Sorted positions of the k largest magnitudes (float32), ties to the lowest positions."""
+    c = magnitudes.size
+    kth = np.partition(magnitudes, c - k)[c - k]  # the k-th largest
+    if np.isnan(kth):  # NaNs among the k largest: np.argpartition's order, then sorted
+        return np.sort(np.argpartition(magnitudes, c - k)[c - k :])
+    keep = magnitudes > kth
+    need = k - int(np.count_nonzero(keep))
+    if need:
+        keep[np.flatnonzero(magnitudes == kth)[:need]] = True
+    return np.flatnonzero(keep)
+
+
+def scatter(values: np.ndarray, indices: np.ndarray, n: int, out=None) -> np.ndarray:
+    """Dense float32 (n,) with ``values`` at ``indices`` and zeros elsewhere (into ``out``)."""
+    out = output_array(out, n, "scatter")
+    out.fill(0)
     out[indices] = values
     return out
+
+
+def sample_indices(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """k distinct indices drawn uniformly from range(n), sorted (int64).
+
+    For k <= n / 16: the distinct values of m iid draws are a uniformly random subset given
+    their count (the draws are exchangeable); m covers the expected duplicates k^2 / 2n with a
+    margin, more draws are added in the rare case that falls short, and the surplus is dropped
+    at positions drawn without replacement. A sort does the work (numpy's is vectorised): about
+    twice as fast as ``rng.choice(n, k, replace=False)``, which fills a hash set element by
+    element.
+    """
+    if 16 * k > n:
+        return np.sort(rng.choice(n, k, replace=False, shuffle=False))
+    duplicates = k * k / (2 * n)  # expected, among k draws; about Poisson distributed
+    margin = math.ceil(1.2 * duplicates + 6 * math.sqrt(duplicates)) + 8
+    draws = _distinct(rng.integers(0, n, k + margin))
+    while draws.size < k:  # the union with more iid draws is again a set of iid draws
+        more = rng.integers(0, n, 2 * (k - draws.size) + 8)
+        draws = _distinct(np.concatenate([draws, more]))
+    if draws.size > k:
+        draws = np.delete(draws, rng.choice(draws.size, draws.size - k, replace=False))
+    return draws
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values (np.unique, without its slower general machinery)."""
+    values = np.sort(values)
+    keep = np.empty(values.size, bool)
+    keep[:1] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
 
 
 class _IndexedValues(Compressor):
@@ -97,12 +161,17 @@ class _IndexedValues(Compressor):
         k = self._count(n)
         return ((_F32, k), (_I32, k))
 
-    def _payload(self, x: np.ndarray, indices: np.ndarray) -> Payload:
-        return Payload((x[indices], indices.astype(np.int32)))
+    def _payload(self, indices: np.ndarray, values: np.ndarray) -> Payload:
+        return Payload((values, indices.astype(np.int32)))
 
-    def decompress(self, payload: Payload, n: int) -> np.ndarray:
+    def _work(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scratch for ``indices_above``: float32 and bool, min(n, BLOCK) each."""
+        m = min(n, BLOCK)
+        return self.scratch("work", m, np.float32), self.scratch("mask", m, bool)
+
+    def decompress(self, payload: Payload, n: int, out: np.ndarray | None = None) -> np.ndarray:
         values, indices = self._checked(payload, n)
-        return scatter(values, indices, n)
+        return scatter(values, indices, n, out)
 
     def accumulate(self, payload: Payload, out: np.ndarray) -> None:
         values, indices = self._checked(payload, out.size)
@@ -116,8 +185,9 @@ class _IndexedValues(Compressor):
 class TopK(_IndexedValues):
     """``topk:ratio``: the k = max(1, round(ratio n)) largest magnitudes (Aji & Heafield 2017).
 
-    Wire: k float32 values then their k int32 indices, sorted (8k bytes). Deterministic and
-    biased; pair it with error feedback (``topk:0.01+ef``).
+    Wire: k float32 values then their k int32 indices, sorted (8k bytes). Of equal magnitudes
+    at the k-th place, the lowest indices are kept. Deterministic and biased; pair it with
+    error feedback (``topk:0.01+ef``).
     """
 
     name: ClassVar[str] = "topk"
@@ -140,7 +210,7 @@ class TopK(_IndexedValues):
     ) -> Payload:
         x = check_bucket(x, f"{self.spec}.compress")
         _check_index_range(x, f"{self.spec}.compress")
-        return self._payload(x, top_magnitudes(x, self._count(x.size)))
+        return self._payload(*top_magnitudes(x, self._count(x.size), *self._work(x.size)))
 
 
 class Threshold(_IndexedValues):
@@ -184,7 +254,7 @@ class Threshold(_IndexedValues):
         threshold = np.partition(sample, m - above)[m - above]
         # The sampled quantile itself is excluded (strict >), hence the step below it.
         threshold = np.nextafter(threshold, np.float32(0)) if threshold > 0 else threshold
-        return self._payload(x, indices_above(x, threshold))
+        return self._payload(*indices_above(x, threshold, *self._work(n)))
 
     def unpack(self, buf: np.ndarray, n: int, meta: Mapping[str, Any]) -> Payload:
         if buf.nbytes % 8:
@@ -250,15 +320,15 @@ class RandK(Compressor):
                 )
         else:
             rng = need_rng(rng, f"{self.spec}.compress")
-            indices = np.sort(rng.choice(n, k, replace=False, shuffle=False))
+            indices = sample_indices(rng, n, k)
         values = x[indices]
         if self.rescale:
             values *= np.float32(n / k)
         return Payload((values,), {"indices": indices})
 
-    def decompress(self, payload: Payload, n: int) -> np.ndarray:
+    def decompress(self, payload: Payload, n: int, out: np.ndarray | None = None) -> np.ndarray:
         check_payload(payload, self.wire_layout(n), f"{self.spec}.decompress")
-        return scatter(payload.arrays[0], payload.meta["indices"], n)
+        return scatter(payload.arrays[0], payload.meta["indices"], n, out)
 
     def accumulate(self, payload: Payload, out: np.ndarray) -> None:
         check_payload(payload, self.wire_layout(out.size), f"{self.spec}.decompress")

@@ -85,8 +85,8 @@ class CompressedSync:
 
     def reduce(self, buffer: np.ndarray, key: int,
                shapes: list[tuple[int, ...]] | None = None) -> dict[str, Any]:
-        result = self.compression.reduce_bucket(self.comm, key, buffer, shapes=shapes)
-        np.copyto(buffer, result.mean)
+        result = self.compression.reduce_bucket(self.comm, key, buffer, shapes=shapes,
+                                                out=buffer)
         return {"bytes_sent": result.bytes_sent, "strategy": result.strategy,
                 "compress_s": result.compress_s, "communicate_s": result.communicate_s,
                 "decompress_s": result.decompress_s}
