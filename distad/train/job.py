@@ -156,6 +156,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     cross_entropy = ad.nn.functional.cross_entropy
     params = list(model.parameters())
     kill_at = int(os.environ.get("DISTAD_KILL_AT_STEP", "0"))  # fault injection for tests
+    dense_bytes = sum(b.nbytes for b in dp.buckets)  # what an uncompressed allreduce sends
     timeline = Timeline(comm) if cfg.trace else None
 
     # Collections at different moments on different ranks stall collectives; the engine
@@ -208,7 +209,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                     gc.collect()
                 record = {"step": step, "epoch": epoch, "loss": local[0] / local[2],
                           "train_acc": local[1] / local[2], "step_s": dt,
-                          "samples_per_s": local[2] / dt, **dp.stats.as_dict()}
+                          "samples_per_s": local[2] / dt, **dp.stats.as_dict(),
+                          "compression_ratio": dense_bytes / max(dp.stats.bytes_sent, 1)}
                 if bar is not None:
                     bar.update(1)
                     recent = window[-20:]
@@ -244,7 +246,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     steps_s = [w[0] for w in window]
     n_steps = max(len(window), 1)
     per_step = {k: v / n_steps for k, v in phases.items()}
-    dense = sum(b.nbytes for b in dp.buckets) if comm.size > 1 else 0
+    dense = dense_bytes if comm.size > 1 else 0
     summary = {"ranks": comm.size, "steps": step, "test_loss": test_loss, "test_acc": test_acc,
                "seconds": elapsed, "median_step_s": float(np.median(steps_s)) if steps_s else 0,
                "mean_step_s": float(np.mean(steps_s)) if steps_s else 0,
