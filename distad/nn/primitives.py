@@ -209,8 +209,33 @@ def _max_pool_argmax(x, y, kernel: Pair, stride: Pair, padding: Pair):
     return arg
 
 
+def _first_max_mask(x, y, kernel: Pair):
+    """For tiling windows: a (N, C, OH, kh, OW, kw) boolean mask of each window's first
+    maximum in row-major order (PyTorch's tie rule), built on the strided 6-D view of x.
+
+    One comparison per kernel offset (kh*kw of them, a loop over offsets, not elements):
+    numpy's argmax along a short strided axis is several times slower.
+    """
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    win = x.reshape(n, c, h // kh, kh, w // kw, kw)
+    mask = np.empty(win.shape, dtype=bool)
+    taken = np.zeros(y.shape, dtype=bool)
+    for i in range(kh):
+        for j in range(kw):
+            hit = np.equal(win[:, :, :, i, :, j], y)
+            hit &= ~taken
+            mask[:, :, :, i, :, j] = hit
+            taken |= hit
+    return mask
+
+
 def _max_pool_vjp(g, y, x, **geo):
-    """Each window's cotangent goes to its maximum: a scatter-add, so it is differentiable."""
+    """Each window's cotangent goes to its (first) maximum."""
+    if _tiled(x.shape, **geo):
+        n, c, oh, ow = y.shape
+        mask = _first_max_mask(_v(x), _v(y), geo["kernel"])
+        return (g.reshape(n, c, oh, 1, ow, 1) * mask).reshape(x.shape)
     arg = _max_pool_argmax(x, y, **geo)
     if not isinstance(g, Tensor) and all(s >= k for s, k in zip(geo["stride"], geo["kernel"])):
         # Windows do not overlap: every input receives from at most one window, so a
@@ -222,6 +247,12 @@ def _max_pool_vjp(g, y, x, **geo):
 
 
 def _max_pool_jvp(t, y, x, **geo):
+    if _tiled(x.shape, **geo):
+        n, c, h, w = x.shape
+        kh, kw = geo["kernel"]
+        mask = _first_max_mask(_v(x), _v(y), geo["kernel"])
+        picked = t.reshape(n, c, h // kh, kh, w // kw, kw) * mask
+        return picked.sum(axis=(3, 5))
     return t.reshape(-1)[_max_pool_argmax(x, y, **geo)]
 
 
