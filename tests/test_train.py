@@ -141,3 +141,14 @@ def test_trace_has_compute_wait_and_communication_spans_per_rank(tmp_path, mpiex
         names = {e["name"] for e in spans if e["pid"] == rank}
         assert {"compute", "wait", "communicate"} <= names
     assert all(e["dur"] >= 0 for e in spans) and len(steps) > 10
+
+
+def test_eval_every_records_test_accuracy_between_epochs(tmp_path):
+    import json
+
+    cfg = TrainConfig(epochs=1, eval_every=10, out=str(tmp_path), progress=False)
+    ad.train.run(cfg)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "test_acc" in r]
+    assert [r["step"] for r in evals][:4] == [10, 20, 30, 40]
+    assert all(r["elapsed_s"] > 0 for r in evals)

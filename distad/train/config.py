@@ -42,6 +42,7 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int = 0           # stop after this many steps (0: run all epochs)
     trace: str = ""              # write a Chrome trace (timeline) of the run here
+    eval_every: int = 0          # steps between evaluations (0: at the end of every epoch)
     progress: bool = True
 
     def as_dict(self) -> dict:
@@ -72,6 +73,8 @@ HELP = {
     "gc_every": "run Python's cyclic GC on every rank at once every N steps (0: never)",
     "max_steps": "stop after this many steps in total (0: all epochs)",
     "overlap": "overlap gradient communication with backward", "progress": "progress bar",
+    "eval_every": "evaluate on the held-out split every N steps as well as at the end of "
+    "every epoch (0: per epoch only); for time-to-accuracy curves",
     "trace": "write a timeline of every step (Chrome trace JSON: compute, compress, "
     "communicate, wait per bucket and rank) to this file",
 }

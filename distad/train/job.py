@@ -225,13 +225,14 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                     save(cfg, comm, step, model, opt, sched, dp)
                 if step == kill_at and comm.rank == 0:
                     os.kill(os.getpid(), signal.SIGKILL)
-                if end_of_epoch:
+                if end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0):
                     test_loss, test_acc = evaluate(model, Xte, yte, comm)
                     metrics.write({"step": step, "epoch": epoch, "test_loss": test_loss,
-                                   "test_acc": test_acc})
-                    if bar is not None:
-                        bar.write(f"epoch {epoch + 1}: test loss {test_loss:.4f}, "
-                                  f"test accuracy {test_acc:.4f}")
+                                   "test_acc": test_acc,
+                                   "elapsed_s": time.perf_counter() - t_start})
+                if end_of_epoch and bar is not None:
+                    bar.write(f"epoch {epoch + 1}: test loss {test_loss:.4f}, "
+                              f"test accuracy {test_acc:.4f}")
                 if step >= total_steps:
                     break
     finally:
