@@ -11,12 +11,10 @@ the same, including across an interruption and `--resume`.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from ..data import ArrayDataset, DataLoader, DistributedSampler
 from ..parallel import DataParallel
 from . import checkpoint as ckpt
 from .config import TrainConfig, from_args, parser
+from .loop import SynchronisedGC, checkpoint_due, progress_bar, resumable_batches
 from .timeline import Timeline
 
 __all__ = ["main", "run", "build_model", "load_dataset"]
@@ -152,29 +151,21 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     if cfg.resume:
         step = restore(cfg, comm, model, opt, sched, dp)
     metrics = Metrics(cfg.out, comm.rank, cfg.resume)
-    bar = _progress(cfg, comm, total_steps, step)
+    bar = progress_bar(cfg, comm.rank, total_steps, step,
+                       f"train ({comm.size} rank{'s' if comm.size > 1 else ''})")
     cross_entropy = ad.nn.functional.cross_entropy
     params = list(model.parameters())
     kill_at = int(os.environ.get("DISTAD_KILL_AT_STEP", "0"))  # fault injection for tests
     dense_bytes = sum(b.nbytes for b in dp.buckets)  # what an uncompressed allreduce sends
     timeline = Timeline(comm) if cfg.trace else None
 
-    # Collections at different moments on different ranks stall collectives; the engine
-    # makes no reference cycles, so collect by hand, on every rank at the same step.
-    gc.collect()
-    gc.freeze()
-    gc.disable()
     t_start, window = time.perf_counter(), []
     phases = dict.fromkeys(("bytes_sent", "compress_s", "communicate_s", "decompress_s",
                             "wait_s"), 0.0)
     test_loss = test_acc = float("nan")
-    try:
-        while step < total_steps:
-            epoch, skip = divmod(step, steps_per_epoch)
-            loader.set_epoch(epoch)
-            for i, (xb, yb) in enumerate(loader):
-                if i < skip:
-                    continue
+    with SynchronisedGC(cfg.gc_every) as collector:
+        try:
+            for epoch, xb, yb in resumable_batches(loader, step, steps_per_epoch, total_steps):
                 t0 = time.perf_counter()
 
                 def closure(xb=xb, yb=yb):
@@ -205,8 +196,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                     timeline.step(step, t0, t1, dp.stats.spans)
                 for k in phases:
                     phases[k] += getattr(dp.stats, k)
-                if cfg.gc_every and step % cfg.gc_every == 0:
-                    gc.collect()
+                collector.after_step(step)
                 record = {"step": step, "epoch": epoch, "loss": local[0] / local[2],
                           "train_acc": local[1] / local[2], "step_s": dt,
                           "samples_per_s": local[2] / dt, **dp.stats.as_dict(),
@@ -220,8 +210,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                 if step % cfg.log_every == 0:
                     metrics.write(record)
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-                if cfg.checkpoint_dir and ((cfg.checkpoint_every and step % cfg.checkpoint_every
-                                            == 0) or (not cfg.checkpoint_every and end_of_epoch)):
+                if checkpoint_due(cfg, step, end_of_epoch):
                     save(cfg, comm, step, model, opt, sched, dp)
                 if step == kill_at and comm.rank == 0:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -233,14 +222,10 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                 if end_of_epoch and bar is not None:
                     bar.write(f"epoch {epoch + 1}: test loss {test_loss:.4f}, "
                               f"test accuracy {test_acc:.4f}")
-                if step >= total_steps:
-                    break
-    finally:
-        gc.enable()
-        gc.unfreeze()
-        if bar is not None:
-            bar.close()
-        dp.close()
+        finally:
+            if bar is not None:
+                bar.close()
+            dp.close()
     elapsed = time.perf_counter() - t_start
     if timeline is not None:
         timeline.write(cfg.trace)
@@ -260,16 +245,6 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         ckpt.save_state(Path(cfg.out) / "model.npz", {"model": model.state_dict()})
     return summary
-
-
-def _progress(cfg: TrainConfig, comm: Communicator, total: int, initial: int):
-    if comm.rank != 0 or not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"train ({comm.size} rank"
-                f"{'s' if comm.size > 1 else ''})", unit="step", file=sys.stderr,
-                mininterval=0.5, dynamic_ncols=True)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

@@ -17,10 +17,8 @@ model gathered from the parts — the same files as the data-parallel job.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from ..parallel import (
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .job import Metrics, build_model, load_dataset, make_optimizer, make_schedule
+from .loop import SynchronisedGC, checkpoint_due, progress_bar, resumable_batches
 
 __all__ = ["parse_parallel", "run_model_parallel"]
 
@@ -241,20 +240,14 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
         opt, sched = _NoParameters(), None
     step = restore(cfg, g, parts, opt, sched) if cfg.resume else 0
     metrics = Metrics(cfg.out, comm.rank, cfg.resume)
-    bar = _progress(cfg, comm, total_steps, step, sizes)
+    shape = " x ".join(f"{a}={sizes[a]}" for a in AXES if sizes[a] > 1)
+    bar = progress_bar(cfg, comm.rank, total_steps, step, f"train ({shape})")
 
-    gc.collect()
-    gc.freeze()
-    gc.disable()
     t_start, window = time.perf_counter(), []
     test_loss = test_acc = float("nan")
-    try:
-        while step < total_steps:
-            epoch, skip = divmod(step, steps_per_epoch)
-            loader.set_epoch(epoch)
-            for i, (xb, yb) in enumerate(loader):
-                if i < skip:
-                    continue
+    with SynchronisedGC(cfg.gc_every) as collector:
+        try:
+            for epoch, xb, yb in resumable_batches(loader, step, steps_per_epoch, total_steps):
                 t0 = time.perf_counter()
                 opt.zero_grad()
                 loss, logits = parts.step(xb, yb)
@@ -270,8 +263,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
                 comm.allreduce(local, out=local)
                 dt = time.perf_counter() - t0
                 window.append((dt, local[2]))
-                if cfg.gc_every and step % cfg.gc_every == 0:
-                    gc.collect()
+                collector.after_step(step)
                 record = {"step": step, "epoch": epoch, "loss": local[0] / local[2],
                           "train_acc": local[1] / local[2], "step_s": dt,
                           "samples_per_s": local[2] / dt}
@@ -282,8 +274,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
                 if step % cfg.log_every == 0:
                     metrics.write(record)
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
-                if cfg.checkpoint_dir and ((cfg.checkpoint_every and step % cfg.checkpoint_every
-                                            == 0) or (not cfg.checkpoint_every and end_of_epoch)):
+                if checkpoint_due(cfg, step, end_of_epoch):
                     save(cfg, g, step, parts, opt, sched)
                 if end_of_epoch:
                     test_loss, test_acc = evaluate(parts, Xte, yte)
@@ -292,15 +283,11 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
                     if bar is not None:
                         bar.write(f"epoch {epoch + 1}: test loss {test_loss:.4f}, "
                                   f"test accuracy {test_acc:.4f}")
-                if step >= total_steps:
-                    break
-        state = parts.full_state_dict()
-    finally:
-        gc.enable()
-        gc.unfreeze()
-        if bar is not None:
-            bar.close()
-        parts.close()
+            state = parts.full_state_dict()
+        finally:
+            if bar is not None:
+                bar.close()
+            parts.close()
     elapsed = time.perf_counter() - t_start
     steps_s = [w[0] for w in window]
     summary = {"ranks": comm.size, "steps": step, "test_loss": test_loss, "test_acc": test_acc,
@@ -313,17 +300,6 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
         ckpt.save_state(Path(cfg.out) / "model.npz", {"model": state})
     g.free()
     return summary
-
-
-def _progress(cfg: TrainConfig, comm: Communicator, total: int, initial: int,
-              sizes: dict[str, int]):
-    if comm.rank != 0 or not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    shape = " x ".join(f"{a}={sizes[a]}" for a in AXES if sizes[a] > 1)
-    return tqdm(total=total, initial=initial, desc=f"train ({shape})", unit="step",
-                file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
 
 
 # ---- checkpoints: every rank writes (and reads) its own part -------------------------------------

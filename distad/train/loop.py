@@ -1,0 +1,80 @@
+"""What every training loop here shares, whatever one step does.
+
+The data-parallel job (`job.py`) and the model-parallel one (`model_parallel.py`)
+differ in their step; the way they walk the data (resumably), keep the garbage
+collector in step across ranks, show progress and decide when to checkpoint
+is the same, and lives here once.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from .config import TrainConfig
+
+
+def resumable_batches(loader: Any, step: int, steps_per_epoch: int, total_steps: int
+                      ) -> Iterator[tuple[int, Any, Any]]:
+    """(epoch, xb, yb) for the steps after `step`, up to `total_steps`.
+
+    Each epoch's order is the sampler's for that epoch, so a run resumed at
+    step k skips exactly the k mod steps_per_epoch batches it had already done.
+    """
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        loader.set_epoch(epoch)
+        for i, (xb, yb) in enumerate(loader):
+            if i < skip:
+                continue
+            yield epoch, xb, yb
+            step += 1
+            if step >= total_steps:
+                return
+
+
+class SynchronisedGC:
+    """Python's cyclic collector, frozen for the loop and run by hand at step boundaries.
+
+    Collections that fire at different moments on different ranks stall the
+    collectives the others wait in; the engine makes no reference cycles, so
+    collecting every `every` steps, on every rank at the same step, is enough.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def __enter__(self) -> SynchronisedGC:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.enable()
+        gc.unfreeze()
+
+    def after_step(self, step: int) -> None:
+        if self.every and step % self.every == 0:
+            gc.collect()
+
+
+def progress_bar(cfg: TrainConfig, rank: int, total: int, initial: int, desc: str):
+    """Rank 0's tqdm bar on stderr (None elsewhere, or with --no-progress)."""
+    if rank != 0 or not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr,
+                mininterval=0.5, dynamic_ncols=True)
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, end_of_epoch: bool) -> bool:
+    """Every --checkpoint-every steps, or at the end of every epoch when that is 0."""
+    if not cfg.checkpoint_dir:
+        return False
+    if cfg.checkpoint_every:
+        return step % cfg.checkpoint_every == 0
+    return end_of_epoch
