@@ -44,6 +44,10 @@ from typing import Any
 
 import numpy as np
 
+# The aggregation strategies and how each composes collectives live in the compression layer
+# (numpy only, no MPI at import); this module prices the collectives on a measured network.
+from ..compress.aggregate import strategy_seconds
+
 __all__ = [
     "AlphaBeta",
     "CollectiveModel",
@@ -56,8 +60,6 @@ __all__ = [
 ]
 
 ALLREDUCE_ALGORITHMS = ("auto", "ring", "recursive_doubling", "rabenseifner")
-#: Strategies of ``distad.compress.aggregate`` that ``CollectiveModel.seconds`` prices.
-STRATEGIES = ("allreduce", "dense_allreduce", "allgather", "two_phase", "majority", "powersgd")
 _FIT_OPS = ("allreduce", "iallreduce", "allgather", "reduce_scatter", "alltoall", "bcast")
 
 
@@ -266,35 +268,12 @@ class CollectiveModel:
 
     def seconds(self, strategy: str, compressor: Any, n: int, p: int) -> float:
         """Seconds of communication for aggregating one bucket of n float32 elements on p ranks
-        with ``strategy`` (one of ``STRATEGIES``) and ``compressor`` (a distad.compress
-        Compressor, or None for the exact float32 allreduce). The signature of
-        ``distad.compress.CostModel.seconds``, so this model can replace it in
+        with ``strategy`` (one of ``distad.compress.STRATEGIES``) and ``compressor`` (a
+        distad.compress Compressor, or None for the exact float32 allreduce). The signature of
+        ``distad.compress.CostModel.seconds`` and the same composition of collectives
+        (``strategy_seconds``), priced on this network, so this model can replace it in
         ``choose_aggregation``. Compression arithmetic is not included (see StepModel)."""
-        if p <= 1:
-            return 0.0
-        if compressor is None:
-            return self.allreduce(4 * n, p)
-        wire = compressor.wire_bytes(n)
-        extra = _steps(p) * self.alpha if getattr(compressor, "needs_shared_scale", False) else 0.0
-        if not getattr(compressor, "fixed_size", True):
-            extra += self.allgather(8, p)  # the size exchange before Allgatherv
-        if strategy == "allreduce":
-            layout = compressor.wire_layout(n)
-            dtypes = compressor.sum_dtypes(p)
-            summed = sum(np.dtype(dt).itemsize * count for dt, (_, count) in zip(dtypes, layout))
-            return extra + self.allreduce(summed, p)
-        if strategy == "dense_allreduce":
-            return extra + self.allreduce(4 * n, p)
-        if strategy in ("allgather", "majority"):
-            return extra + self.allgather(wire, p)
-        if strategy == "two_phase":
-            chunk = compressor.wire_bytes(max(1, -(-n // p)))
-            return 2 * extra + self.alltoall(p * chunk, p) + self.allgather(chunk, p)
-        if strategy == "powersgd":
-            return sum(self.allreduce(np.dtype(dt).itemsize * c, p)
-                       for dt, c in compressor.wire_layout(n))
-        raise ValueError(f"CollectiveModel.seconds: unknown strategy {strategy!r}; "
-                         f"valid: {', '.join(STRATEGIES)}")
+        return strategy_seconds(self, strategy, compressor, n, p)
 
     def wire_bytes_per_rank(self, strategy: str, compressor: Any, n: int, p: int) -> float:
         """Bytes one rank puts on its link for one bucket (the optimal algorithm's count, as

@@ -569,28 +569,43 @@ class CostModel:
 
     def seconds(self, strategy: str, compressor: Compressor, n: int, p: int) -> float:
         """Modelled time of ``strategy`` for one bucket of n elements on p ranks."""
-        if p <= 1:
-            return 0.0
-        wire = compressor.wire_bytes(n)
-        extra = _steps(p) * self.alpha if compressor.needs_shared_scale else 0.0
-        if not compressor.fixed_size:
-            extra += _steps(p) * self.alpha  # the size exchange before Allgatherv
-        if strategy == "allreduce":
-            layout = compressor.wire_layout(n)
-            dtypes = compressor.sum_dtypes(p)
-            summed = sum(dt.itemsize * count for dt, (_, count) in zip(dtypes, layout))
-            return extra + self.allreduce(summed, p)
-        if strategy == "dense_allreduce":
-            return extra + self.allreduce(4 * n, p)
-        if strategy in ("allgather", "majority"):
-            return extra + self.allgather(wire, p)
-        if strategy == "two_phase":
-            return 2 * extra + self.alltoall(wire, p) + self.allgather(wire / p, p)
-        if strategy == "powersgd":
-            return sum(
-                self.allreduce(np.dtype(dt).itemsize * c, p) for dt, c in compressor.wire_layout(n)
-            )
-        raise ValueError(f"CostModel.seconds: unknown strategy {strategy!r}; valid: {STRATEGIES}")
+        return strategy_seconds(self, strategy, compressor, n, p)
+
+
+def strategy_seconds(net: Any, strategy: str, compressor: Compressor | None, n: int,
+                     p: int) -> float:
+    """Seconds of communication to aggregate one bucket of n float32 elements on p ranks.
+
+    ``net`` prices the collectives: anything with ``alpha`` (seconds per message step) and
+    ``allreduce``, ``allgather``, ``alltoall`` taking (bytes, p) — this module's alpha-beta
+    CostModel, or a model fitted to a measured network (distad.comm.costmodel). Only the
+    strategies' composition lives here, once. ``compressor`` None: the exact float32
+    allreduce. Compression arithmetic is not included.
+    """
+    if p <= 1:
+        return 0.0
+    if compressor is None:
+        return net.allreduce(4 * n, p)
+    wire = compressor.wire_bytes(n)
+    extra = _steps(p) * net.alpha if compressor.needs_shared_scale else 0.0
+    if not compressor.fixed_size:
+        extra += net.allgather(8, p)  # the size exchange before Allgatherv
+    if strategy == "allreduce":
+        layout = compressor.wire_layout(n)
+        dtypes = compressor.sum_dtypes(p)
+        summed = sum(np.dtype(dt).itemsize * count for dt, (_, count) in zip(dtypes, layout))
+        return extra + net.allreduce(summed, p)
+    if strategy == "dense_allreduce":
+        return extra + net.allreduce(4 * n, p)
+    if strategy in ("allgather", "majority"):
+        return extra + net.allgather(wire, p)
+    if strategy == "two_phase":
+        chunk = compressor.wire_bytes(max(1, -(-n // p)))  # one of the p chunks, compressed
+        return 2 * extra + net.alltoall(p * chunk, p) + net.allgather(chunk, p)
+    if strategy == "powersgd":
+        return sum(net.allreduce(np.dtype(dt).itemsize * c, p)
+                   for dt, c in compressor.wire_layout(n))
+    raise ValueError(f"CostModel.seconds: unknown strategy {strategy!r}; valid: {STRATEGIES}")
 
 
 def _steps(p: int) -> int:
