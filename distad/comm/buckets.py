@@ -20,7 +20,9 @@ class Bucket:
     """A flat buffer holding the gradients of `params` at `offsets` (one dtype per bucket).
 
     `views[k]` is a writable view of parameter k's slot shaped like the
-    parameter; `ready[k]` says whether its gradient arrived this step.
+    parameter, `grads[k]` a read-only view of the same slot (what `p.grad`
+    points at after the reduction); `ready[k]` says whether its gradient
+    arrived this step.
     """
 
     index: int
@@ -28,6 +30,7 @@ class Bucket:
     offsets: list[int]
     buffer: np.ndarray
     views: list[np.ndarray] = field(default_factory=list)
+    grads: list[np.ndarray] = field(default_factory=list)
     ready: np.ndarray = field(default=None)
     pending: int = 0
 
@@ -80,7 +83,10 @@ def plan_buckets(params: Sequence, cap_mb: float = 25.0, first_mb: float = 1.0) 
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         buffer = np.zeros(int(sum(sizes)), dtype=group[0].dtype)
         views = [buffer[o:o + n].reshape(p.shape) for p, o, n in zip(group, offsets, sizes)]
-        b = Bucket(i, group, offsets, buffer, views, np.zeros(len(group), dtype=bool))
+        grads = [v.view() for v in views]
+        for g in grads:
+            g.flags.writeable = False
+        b = Bucket(i, group, offsets, buffer, views, grads, np.zeros(len(group), dtype=bool))
         b.reset()
         buckets.append(b)
     return buckets

@@ -221,9 +221,7 @@ class DataParallel(Module):
         stats.wait_s = t_done - t_wait
         stats.spans.append(("wait", -1, t_wait, t_done))
         for b in self.buckets:
-            for p, view in zip(b.params, b.views):
-                g = view.view()
-                g.flags.writeable = False
+            for p, g in zip(b.params, b.grads):
                 p.grad = g
         stats.buckets = len(reports)
         for r in reports:
