@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # Local rank count as MPICH (hydra), Open MPI, PMIx and Slurm publish it.
 _LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE",
                     "SLURM_NTASKS_PER_NODE")
@@ -24,7 +24,7 @@ _WORLD_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_NTASKS")
 def limit_blas_threads() -> int | None:
     """Set the BLAS thread variables for a rank started by an MPI launcher; return the count
     set, or None if nothing was changed (no launcher, user setting, or numpy already loaded)."""
-    if "numpy" in sys.modules or any(v in os.environ for v in _THREAD_VARS):
+    if "numpy" in sys.modules or any(v in os.environ for v in THREAD_VARS):
         return None
     if not any(v in os.environ for v in _WORLD_VARS):
         return None
@@ -32,6 +32,6 @@ def limit_blas_threads() -> int | None:
                  "1")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = max(1, (cores or 1) // max(1, int(local)))
-    for v in _THREAD_VARS:
+    for v in THREAD_VARS:
         os.environ[v] = str(threads)
     return threads

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+from .._threads import THREAD_VARS
 
 
 def ensure_threads(threads: int, argv: list[str]) -> None:

@@ -249,11 +249,14 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
+#: Settings a checkpoint must share with the run that resumes it.
+RESUME_KEYS = ("model", "hidden", "dataset", "samples", "features", "classes", "batch_size",
+               "optimizer", "compress", "seed", "test_size")
+
+
 def _identity(cfg: TrainConfig, comm: Communicator) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed by this run."""
-    keep = ("model", "hidden", "dataset", "samples", "features", "classes", "batch_size",
-            "optimizer", "compress", "seed", "test_size")
-    return {"ranks": comm.size, **{k: getattr(cfg, k) for k in keep}}
+    return {"ranks": comm.size, **{k: getattr(cfg, k) for k in RESUME_KEYS}}
 
 
 def save(cfg: TrainConfig, comm: Communicator, step: int, model, opt, sched, dp) -> None:

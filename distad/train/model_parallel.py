@@ -39,7 +39,14 @@ from ..parallel import (
 )
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .job import Metrics, build_model, load_dataset, make_optimizer, make_schedule
+from .job import (
+    RESUME_KEYS,
+    Metrics,
+    build_model,
+    load_dataset,
+    make_optimizer,
+    make_schedule,
+)
 from .loop import SynchronisedGC, checkpoint_due, progress_bar, resumable_batches
 
 __all__ = ["parse_parallel", "run_model_parallel"]
@@ -305,8 +312,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
 # ---- checkpoints: every rank writes (and reads) its own part -------------------------------------
 
 def _identity(cfg: TrainConfig, g: Grid) -> dict[str, Any]:
-    keep = ("model", "hidden", "dataset", "samples", "features", "classes", "batch_size",
-            "optimizer", "compress", "seed", "test_size", "parallel", "microbatches")
+    keep = (*RESUME_KEYS, "parallel", "microbatches")
     return {"ranks": g.world.size, "grid": [g.dp_size, g.pp_size, g.tp_size],
             **{k: getattr(cfg, k) for k in keep}}
 
