@@ -186,18 +186,13 @@ def _max_pool_fwd(x, kernel: Pair, stride: Pair, padding: Pair):
 
 
 def _max_pool_argmax(x, y, kernel: Pair, stride: Pair, padding: Pair):
-    """Flat index into x of each window's maximum (the first in row-major window order)."""
+    """Flat index into x of each window's maximum (the first in row-major window order).
+
+    For windows that overlap or pad; tiling windows use `_first_max_mask` instead."""
     x, y = _v(x), _v(y)
     n, c, h, w = x.shape
     (ph, pw), (sh, sw), (oh, ow) = padding, stride, y.shape[2:]
     plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)
-    if _tiled(x.shape, kernel, stride, padding):
-        kh, kw = kernel
-        k = (x.reshape(n, c, oh, kh, ow, kw).transpose(0, 1, 2, 4, 3, 5)
-             .reshape(n, c, oh, ow, kh * kw).argmax(-1))       # first maximum, row-major
-        r = np.arange(oh, dtype=np.int64)[:, None] * kh + k // kw
-        q = np.arange(ow, dtype=np.int64)[None, :] * kw + k % kw
-        return plane + r * w + q
     xp = _pad_nchw(x, padding, float(np.finfo(x.dtype).min))
     arg = np.full(y.shape, -1, dtype=np.int64)
     for i, j, rows, cols in _offsets(kernel, stride, (oh, ow)):
