@@ -65,6 +65,25 @@ def test_dgc_velocity_telescopes_sent_plus_velocity_to_the_momentum_sum():
     np.testing.assert_allclose(total, np.sum(momenta, axis=0, dtype=np.float64), atol=1e-4)
 
 
+@pytest.mark.parametrize("make", [C.ErrorFeedback, C.DGCMomentum])
+@pytest.mark.parametrize("spec", ["topk:0.05", "randk:0.1:rescale", "threshold:0.05"])
+def test_memory_updates_from_a_sparse_contribution_as_from_the_dense_one(make, spec):
+    """Sparsifiers hand error feedback a SparseVector (k elements, not n): the memory it leaves
+    is bit for bit the one the dense decompression leaves, step after step."""
+    c = C.get(spec).compressor
+    sparse_memory, dense_memory = make(), make()
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    for g in gradients(5):
+        for memory, rng, sparse in ((sparse_memory, rng_a, True), (dense_memory, rng_b, False)):
+            compensated = memory.compensate("b", g)
+            payload = c.compress(compensated, rng)
+            sent = c.contribution(payload, N) if sparse else c.decompress(payload, N)
+            assert isinstance(sent, C.SparseVector) == sparse
+            memory.update("b", compensated, sent)
+        for key, value in dense_memory.state_dict().items():
+            np.testing.assert_array_equal(sparse_memory.state_dict()[key], value, err_msg=key)
+
+
 @pytest.mark.parametrize("make", [C.ErrorFeedback, C.DGCMomentum, C.NoMemory])
 def test_memory_state_dict_round_trips_and_resumes_identically(make):
     c, rng = C.TopK(0.1), np.random.default_rng(0)
@@ -149,3 +168,26 @@ def test_error_feedback_reuses_one_array_per_bucket_from_step_to_step():
     assert compensated is residual  # the residual's array, now holding g + e
     memory.update("b", compensated, c.decompress(c.compress(compensated), N))
     assert memory.residual["b"] is residual
+
+
+@pytest.mark.parametrize("shapes", [None, [(64, 40), (40,), (30, 30)]])
+def test_powersgd_contribution_subtracts_exactly_its_dense_form(shapes):
+    """PowerSGD hands error feedback a LowRankVector (P, Q per matrix, the values of the small
+    tensors): subtracting it band by band gives bit for bit what subtracting its dense form
+    does, and the dense form is P Q^T on the compressed matrices and x on the rest."""
+    n = 64 * 40 + 40 + 900 if shapes else 5000
+    x = gradients(1, n=n)[0]
+    result = C.aggregate(MPI.COMM_SELF, x, C.PowerSGD(2), np.random.default_rng(0),
+                         strategy="powersgd", shapes=shapes, need_sent=True)
+    assert not isinstance(result.sent, np.ndarray)
+    dense = np.asarray(result.sent)
+    residual = x.copy()
+    result.sent.subtract_from(residual)
+    np.testing.assert_array_equal(residual, x - dense)
+    blocks = C.PowerSGD(2).plan(n, shapes)
+    for b in blocks:
+        part = slice(b.start, b.start + b.size)
+        if not b.compressed:
+            np.testing.assert_array_equal(dense[part], x[part])
+    assert any(b.compressed for b in blocks)
+    np.testing.assert_allclose(dense, result.mean, rtol=1e-5, atol=1e-6)  # one rank: sent = mean

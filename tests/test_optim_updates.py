@@ -36,9 +36,10 @@ def assert_trajectories_equal(got, expected):
 
 # ---- SGD ---------------------------------------------------------------------------------
 
-def sgd_formula(lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
-    p, buf, out = P0.copy(), None, []
-    for g in GRADS:
+def sgd_formula(lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                p0=P0, grads=GRADS):
+    p, buf, out = p0.copy(), None, []
+    for g in grads:
         d = g + weight_decay * p
         if momentum:
             buf = d.copy() if buf is None else momentum * buf + (1 - dampening) * d
@@ -64,6 +65,32 @@ def test_sgd_nesterov_with_weight_decay_matches_the_formula():
         trajectory(lambda ps: optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True,
                                         weight_decay=0.1)),
         sgd_formula(lr=0.05, momentum=0.8, nesterov=True, weight_decay=0.1))
+
+
+@pytest.mark.parametrize("options", [
+    dict(momentum=0.9, dampening=0.3, weight_decay=0.01),
+    dict(momentum=0.8, nesterov=True, weight_decay=0.1),
+    dict(),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_on_parameters_larger_than_a_cache_block_matches_the_formula(options, dtype):
+    """The update runs block by block over large parameters: every block, the last partial
+    one included, gets the formula; float32 stays float32; a transposed (non-contiguous)
+    gradient takes the unblocked path to the same result."""
+    from distad._blocked import BLOCK
+
+    r = np.random.default_rng(1)
+    shape = (3, BLOCK + 7)
+    p0 = r.standard_normal(shape).astype(dtype)
+    grads = [r.standard_normal(shape).astype(dtype) for _ in range(3)]
+    grads[1] = np.ascontiguousarray(grads[1].T).T  # same values, Fortran order
+    got = trajectory(lambda ps: optim.SGD(ps, lr=0.05, **options), p0=p0, grads=grads)
+    wide = [g.astype(np.float64) for g in grads]
+    want = sgd_formula(lr=0.05, p0=p0.astype(np.float64), grads=wide, **options)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=f"step {k + 1}")
 
 
 def test_sgd_nesterov_needs_momentum_and_no_dampening():

@@ -20,7 +20,7 @@ from .aggregate import (
     powersgd_exchange,
     two_phase_exchange,
 )
-from .base import Compressor, Payload
+from .base import Compressor, Payload, SparseVector
 from .casts import BF16, FP16, Identity
 from .gradient_compression import GradientCompression
 from .memory import DGCMomentum, ErrorFeedback, Memory, NoMemory
@@ -50,6 +50,7 @@ __all__ = [
     "PowerSGD",
     "RandK",
     "Sign",
+    "SparseVector",
     "TernGrad",
     "Threshold",
     "TopK",

@@ -38,8 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import Compressor, Payload, check_bucket, output_array
+from .base import Compressor, Payload, Sent, check_bucket, output_array
 from .powersgd import (
+    LowRankVector,
     PowerSGD,
     as_matrix,
     low_rank_into,
@@ -58,8 +59,9 @@ class Aggregated:
     ``mean``: float32 (n,), the average over ranks (for ``majority``, the vote in {-1, 0, 1}),
     identical on every rank. ``bytes_sent`` / ``bytes_received``: the sum of ``nbytes`` of the
     send / receive buffers this rank passed to MPI in this call (an in-place Allreduce counts
-    its buffer as both). ``sent``: what this rank's own contribution decompresses to, float32
-    (n,), when asked for (error feedback needs it), else None. ``state``: run state to hand to
+    its buffer as both). ``sent``: what this rank's own contribution decompresses to, when asked
+    for (error feedback needs it), else None: float32 (n,), or a :class:`SparseVector` (the
+    allgather of a sparsifier; ``np.asarray`` makes it dense). ``state``: run state to hand to
     the next call for this bucket (PowerSGD's Q), else None. ``compress_s``,
     ``communicate_s``, ``decompress_s``: this rank's wall time encoding (including the local
     linear algebra of PowerSGD), inside MPI calls, and decoding and summing.
@@ -69,7 +71,7 @@ class Aggregated:
     strategy: str
     bytes_sent: int
     bytes_received: int
-    sent: np.ndarray | None = None
+    sent: Sent | None = None
     state: np.ndarray | None = None
     compress_s: float = 0.0
     communicate_s: float = 0.0
@@ -207,7 +209,8 @@ def _check_size(compressor: Compressor, payload: Payload, n: int, op: str) -> No
 
 
 def _mean_in_place(total: np.ndarray, count: int) -> np.ndarray:
-    np.divide(total, np.float32(count), out=total)
+    if count != 1:
+        np.divide(total, np.float32(count), out=total)
     return total
 
 
@@ -215,10 +218,10 @@ def _destination(out: np.ndarray | None, n: int, op: str) -> np.ndarray | None:
     return None if out is None else output_array(out, n, op)
 
 
-def _detached(sent: np.ndarray | None, dest: np.ndarray | None) -> np.ndarray | None:
+def _detached(sent: Sent | None, dest: np.ndarray | None) -> Sent | None:
     """``sent``, copied if it shares memory with ``dest`` (the payload of ``none`` is x itself,
     and x may be the caller's ``out``), so that writing the mean cannot change it."""
-    if sent is not None and dest is not None and np.may_share_memory(sent, dest):
+    if isinstance(sent, np.ndarray) and dest is not None and np.may_share_memory(sent, dest):
         return sent.copy()
     return sent
 
@@ -339,7 +342,7 @@ def allgather_payloads(
     counts = None if compressor.fixed_size else t.exchange_counts([buf.size], personal=False)
     blocks = t.allgatherv(buf, counts)
     with t.phase("decompress"):
-        sent = _detached(compressor.decompress(payload, n), dest) if need_sent else None
+        sent = _detached(compressor.contribution(payload, n), dest) if need_sent else None
         total = np.empty(n, np.float32) if dest is None else dest
         first, *rest = blocks  # the first decoded in place of zeros + accumulate
         compressor.decompress(compressor.unpack(first, n, payload.meta), n, out=total)
@@ -514,11 +517,13 @@ def powersgd_exchange(
         for m, pm, q in zip(matrices, ps, new_qs):
             matmul_transposed(m, pm, q)
     sent = None
-    if need_sent:  # the local term, from this rank's Q before it is averaged
-        with t.phase("decompress"):
-            sent = np.array(x, copy=True)
-            for b, pm, q in zip(low_rank, ps, new_qs):
-                low_rank_into(pm, q, sent[b.start : b.start + b.size])
+    if need_sent:  # the local term, from this rank's Q before it is averaged (copied)
+        sent = LowRankVector(
+            tuple(blocks),
+            tuple((pm, q.copy()) for pm, q in zip(ps, new_qs)),
+            tuple(x[b.start : b.start + b.size].copy() for b in dense),
+            n,
+        )
     if low_rank:
         t.allreduce_in_place(round2, "sum")
     with t.phase("decompress"):

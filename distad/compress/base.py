@@ -12,17 +12,11 @@ import sys
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
-
-#: Elements per block in the blocked kernels: 64 Ki float32 (256 KiB) keeps a few temporaries
-#: of that size in a core's L2 cache, so a chain of numpy operations reads the bucket from
-#: memory once instead of once per operation, and the per-call overhead of numpy (about 1 us)
-#: stays small beside the work per call.
-BLOCK = 1 << 16
 
 #: One wire array of a payload, as (dtype, number of elements).
 ArraySpec = tuple[np.dtype, int]
@@ -56,6 +50,47 @@ class Payload:
         if not views:
             return np.empty(0, np.uint8)
         return np.concatenate(views)
+
+
+@dataclass(frozen=True)
+class SparseVector:
+    """A float32 vector of ``n`` elements, zero outside ``indices`` (distinct) where it holds
+    ``values``: what a sparsifier's payload decompresses to, without the dense array.
+
+    Error feedback subtracts it from the compensated gradient in place (``subtract_from``),
+    which touches k elements instead of writing and reading two dense arrays of n.
+    ``np.asarray`` gives the dense vector.
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
+    n: int
+
+    def subtract_from(self, out: np.ndarray) -> None:
+        """``out -= self`` in place (float32, (n,))."""
+        out[self.indices] -= self.values
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        dense = np.zeros(self.n, np.float32)
+        dense[self.indices] = self.values
+        return dense if dtype is None else dense.astype(dtype, copy=False)
+
+
+class Contribution(Protocol):
+    """What a rank's own payload decompresses to, kept in a compact form (``SparseVector``,
+    PowerSGD's ``LowRankVector``): error feedback only ever subtracts it."""
+
+    n: int
+
+    def subtract_from(self, out: np.ndarray) -> None:
+        """``out -= self`` in place (float32, (n,))."""
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The dense float32 vector (n,)."""
+
+
+#: What a rank's own payload decompresses to (``Aggregated.sent``): dense, or compact.
+Sent = np.ndarray | Contribution
 
 
 class Compressor(ABC):
@@ -137,6 +172,12 @@ class Compressor(ABC):
         With ``out`` (float32, (n,), C-contiguous, not sharing memory with the payload unless it
         is the payload's own float32 array) the result is written there and ``out`` returned.
         """
+
+    def contribution(self, payload: Payload, n: int) -> Sent:
+        """What this rank's payload decompresses to, for error feedback: a new float32 array
+        (n,), or a compact :class:`Contribution` (sparsifiers: a :class:`SparseVector`), which
+        spares writing and reading a dense one."""
+        return self.decompress(payload, n)
 
     def accumulate(self, payload: Payload, out: np.ndarray) -> None:
         """Add the decompressed payload into ``out`` (float32, (n,)); sparse ones override."""
@@ -259,12 +300,6 @@ def split_bytes(buf: np.ndarray, layout: tuple[ArraySpec, ...], op: str) -> tupl
         arrays.append(np.frombuffer(buf, dtype=dt, count=count, offset=offset))
         offset += np.dtype(dt).itemsize * count
     return tuple(arrays)
-
-
-def block_slices(n: int, size: int = BLOCK) -> Iterator[slice]:
-    """Consecutive slices of at most ``size`` elements covering range(n)."""
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
 
 
 def need_rng(rng: np.random.Generator | None, op: str) -> np.random.Generator:

@@ -18,6 +18,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from .base import Sent, SparseVector
+
 BucketId = int | str
 
 
@@ -34,6 +36,22 @@ def _checked_state(state: dict[str, np.ndarray], key: str, like: np.ndarray, op:
             f"shape {like.shape}"
         )
     return state[key]
+
+
+def _subtract_into(
+    state: dict[str, np.ndarray], key: str, compensated: np.ndarray, sent: Sent
+) -> None:
+    """``state[key] = compensated - sent``; in place when ``compensated`` is the state array
+    itself, as ``compensate`` left it, and ``sent`` is a compact contribution."""
+    target = state.get(key)
+    if target is None or target.shape != compensated.shape:
+        target = state[key] = np.empty_like(compensated)
+    if isinstance(sent, np.ndarray):
+        np.subtract(compensated, sent, out=target)
+    else:
+        if target is not compensated:
+            np.copyto(target, compensated)
+        sent.subtract_from(target)
 
 
 class Memory(ABC):
@@ -53,7 +71,7 @@ class Memory(ABC):
         """The float32 vector (shape of ``grad``) to compress in place of the gradient."""
 
     @abstractmethod
-    def update(self, bucket: BucketId, compensated: np.ndarray, sent: np.ndarray | None) -> None:
+    def update(self, bucket: BucketId, compensated: np.ndarray, sent: Sent | None) -> None:
         """Record what the compression of ``compensated`` left behind (``sent`` was sent)."""
 
     @abstractmethod
@@ -73,7 +91,7 @@ class NoMemory(Memory):
     def compensate(self, bucket: BucketId, grad: np.ndarray) -> np.ndarray:
         return grad
 
-    def update(self, bucket: BucketId, compensated: np.ndarray, sent: np.ndarray | None) -> None:
+    def update(self, bucket: BucketId, compensated: np.ndarray, sent: Sent | None) -> None:
         return None
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -123,14 +141,10 @@ class ErrorFeedback(Memory):
         e += grad  # the residual's array now holds g + e
         return e
 
-    def update(self, bucket: BucketId, compensated: np.ndarray, sent: np.ndarray | None) -> None:
+    def update(self, bucket: BucketId, compensated: np.ndarray, sent: Sent | None) -> None:
         if sent is None:
             raise ValueError("ErrorFeedback.update: needs what was sent")
-        key = str(bucket)
-        e = self.residual.get(key)
-        if e is None or e.shape != compensated.shape:
-            e = self.residual[key] = np.empty_like(compensated)
-        np.subtract(compensated, sent, out=e)
+        _subtract_into(self.residual, str(bucket), compensated, sent)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {f"residual.{k}": v.copy() for k, v in self.residual.items()}
@@ -171,15 +185,15 @@ class DGCMomentum(Memory):
         v += u  # the velocity's array now holds v + u
         return v
 
-    def update(self, bucket: BucketId, compensated: np.ndarray, sent: np.ndarray | None) -> None:
+    def update(self, bucket: BucketId, compensated: np.ndarray, sent: Sent | None) -> None:
         if sent is None:
             raise ValueError("DGCMomentum.update: needs what was sent")
         key = str(bucket)
-        v = self.v.get(key)
-        if v is None or v.shape != compensated.shape:
-            v = self.v[key] = np.empty_like(compensated)
-        np.subtract(compensated, sent, out=v)
-        self.u[key][sent != 0] = 0
+        _subtract_into(self.v, key, compensated, sent)
+        if isinstance(sent, SparseVector):
+            self.u[key][sent.indices[sent.values != 0]] = 0
+        else:
+            self.u[key][np.asarray(sent) != 0] = 0
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {

@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from distad._blocked import BLOCK
+
 from .base import (
-    BLOCK,
     ArraySpec,
     Compressor,
     Payload,
@@ -77,19 +78,64 @@ def matmul_transposed(m: np.ndarray, p: np.ndarray, out: np.ndarray) -> np.ndarr
     return out
 
 
-def low_rank_into(p: np.ndarray, q: np.ndarray, out: np.ndarray) -> np.ndarray:
+def low_rank_into(p: np.ndarray, q: np.ndarray, out: np.ndarray, subtract: bool = False
+                  ) -> np.ndarray:
     """The first out.size elements of P Q^T (P (rows, r), Q (cols, r)), row-major, into the
-    flat float32 ``out``, band by band."""
+    flat float32 ``out`` (``subtract``: out -= them), band by band."""
     cols = q.shape[0]
     qt = np.ascontiguousarray(q.T)
     full = out.size // cols
     rows = out[: full * cols].reshape(full, cols)
     step = _band(cols)
+    band = np.empty((min(step, full), cols), np.float32) if subtract else None
     for i in range(0, full, step):
-        np.matmul(p[i : min(i + step, full)], qt, out=rows[i : i + step])
+        j = min(i + step, full)
+        if band is None:
+            np.matmul(p[i:j], qt, out=rows[i:j])
+        else:
+            rows[i:j] -= np.matmul(p[i:j], qt, out=band[: j - i])
     if full * cols < out.size:  # a last, partial row (the rest is zero padding)
-        out[full * cols :] = (p[full] @ qt)[: out.size - full * cols]
+        last = (p[full] @ qt)[: out.size - full * cols]
+        if subtract:
+            out[full * cols :] -= last
+        else:
+            out[full * cols :] = last
     return out
+
+
+@dataclass(frozen=True)
+class LowRankVector:
+    """What one rank's PowerSGD contribution decompresses to, without the dense array: P Q^T
+    on each compressed block, the block's own values (``dense``) on the others.
+
+    Error feedback subtracts it from the compensated bucket band by band, in cache, instead of
+    writing a dense copy and reading it back. ``np.asarray`` gives the dense vector.
+    """
+
+    blocks: tuple[MatrixBlock, ...]
+    factors: tuple[tuple[np.ndarray, np.ndarray], ...]  # (P, Q) per compressed block
+    dense: tuple[np.ndarray, ...]  # the values of each uncompressed block
+    n: int
+
+    def subtract_from(self, out: np.ndarray) -> None:
+        """``out -= self`` in place (float32, (n,))."""
+        self._apply(out, subtract=True)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self._apply(np.empty(self.n, np.float32), subtract=False)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def _apply(self, out: np.ndarray, subtract: bool) -> np.ndarray:
+        factors, dense = iter(self.factors), iter(self.dense)
+        for b in self.blocks:
+            part = out[b.start : b.start + b.size]
+            if b.compressed:
+                low_rank_into(*next(factors), part, subtract=subtract)
+            elif subtract:
+                part -= next(dense)
+            else:
+                part[...] = next(dense)
+        return out
 
 
 class PowerSGD(Compressor):

@@ -21,12 +21,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from distad._blocked import BLOCK, block_slices
+
 from .base import (
-    BLOCK,
     ArraySpec,
     Compressor,
     Payload,
-    block_slices,
     check_bucket,
     check_payload,
     need_rng,

@@ -14,12 +14,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from distad._blocked import BLOCK, block_slices
+
 from .base import (
-    BLOCK,
     ArraySpec,
     Compressor,
     Payload,
-    block_slices,
+    SparseVector,
     check_bucket,
     check_payload,
     count_for_ratio,
@@ -177,6 +178,10 @@ class _IndexedValues(Compressor):
         values, indices = self._checked(payload, out.size)
         out[indices] += values  # indices of one payload are distinct
 
+    def contribution(self, payload: Payload, n: int) -> SparseVector:
+        values, indices = self._checked(payload, n)
+        return SparseVector(indices, values, n)
+
     def _checked(self, payload: Payload, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_payload(payload, self.wire_layout(n), f"{self.spec}.decompress")
         return payload.arrays[0], payload.arrays[1]
@@ -333,3 +338,7 @@ class RandK(Compressor):
     def accumulate(self, payload: Payload, out: np.ndarray) -> None:
         check_payload(payload, self.wire_layout(out.size), f"{self.spec}.decompress")
         out[payload.meta["indices"]] += payload.arrays[0]
+
+    def contribution(self, payload: Payload, n: int) -> SparseVector:
+        check_payload(payload, self.wire_layout(n), f"{self.spec}.decompress")
+        return SparseVector(payload.meta["indices"], payload.arrays[0], n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from distad._blocked import BLOCK, block_slices
 from distad.autodiff import Tensor
 
 from .optimizer import Optimizer, ParamsT
@@ -40,14 +41,55 @@ class SGD(Optimizer):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0 and dampening = 0")
 
     def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
-        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        d = grad + wd * p.data if wd else grad
-        if mu:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = np.array(d, dtype=p.dtype, copy=True)
+        buf = state.get("momentum_buffer")
+        first = buf is None
+        if group["momentum"] and first:
+            buf = state["momentum_buffer"] = np.empty_like(p.data)
+        w, g = p.data, np.asarray(grad)
+        if not (w.flags.c_contiguous and g.flags.c_contiguous and g.dtype == w.dtype):
+            _sgd_kernel(w, g, buf, first, group, np.empty_like(w), np.empty_like(w))
+            return
+        w, g = w.reshape(-1), g.reshape(-1)
+        b = None if buf is None else buf.reshape(-1)
+        t1, t2 = self._scratch(w.dtype)
+        for s in block_slices(w.size):
+            k = s.stop - s.start
+            _sgd_kernel(w[s], g[s], None if b is None else b[s], first, group, t1[:k], t2[:k])
+
+    def _scratch(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Two block-sized arrays of ``dtype``, kept from step to step."""
+        cache = self.__dict__.setdefault("_blocks", {})
+        if dtype not in cache:
+            cache[dtype] = (np.empty(BLOCK, dtype), np.empty(BLOCK, dtype))
+        return cache[dtype]
+
+
+def _sgd_kernel(w: np.ndarray, g: np.ndarray, buf: np.ndarray | None, first: bool,
+                group: dict, t1: np.ndarray, t2: np.ndarray) -> None:
+    """One SGD update of the weights ``w`` in place (the formulas of :class:`SGD`), with the
+    momentum buffer ``buf`` (None without momentum) and two scratch arrays of w's shape.
+    Applied block by block, so that the chain of operations stays in cache."""
+    lr, mu, wd, damp = group["lr"], group["momentum"], group["weight_decay"], group["dampening"]
+    d = g
+    if wd:
+        np.multiply(w, wd, out=t1)
+        t1 += g
+        d = t1
+    if mu:
+        if first:
+            np.copyto(buf, d)
+        else:
+            buf *= mu
+            if damp:
+                np.multiply(d, 1.0 - damp, out=t2)
+                buf += t2
             else:
-                buf *= mu
-                buf += (1.0 - group["dampening"]) * d
-            d = d + mu * buf if group["nesterov"] else buf
-        p.data -= lr * d
+                buf += d
+        if group["nesterov"]:
+            np.multiply(buf, mu, out=t2)
+            t2 += d
+            d = t2
+        else:
+            d = buf
+    np.multiply(d, lr, out=t2)
+    w -= t2
