@@ -1,7 +1,7 @@
 """Property test: random compositions of ops, autodiff against finite differences."""
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import distad as ad
@@ -17,7 +17,8 @@ REDUCE = [lambda x: x.sum(), lambda x: x.mean(), lambda x: ad.logsumexp(x),
           lambda x: (x * x).sum(axis=0).max()]
 
 
-@settings(max_examples=60, deadline=None)
+# Derandomized: CI runs the same 60 compositions every time, so a pass means something fixed.
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 11), st.integers(0, 6)),
                     min_size=1, max_size=6),
        red=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
@@ -32,4 +33,7 @@ def test_random_compositions_match_finite_differences(ops, red, seed):
             h = BINARY[bi](h, b) if is_binary else UNARY[u](h)
         return REDUCE[red](h)
 
+    # Central differences err by about h^2 f''' / 6: on compositions that blow up (x**2
+    # nested six times is x**64) that error, not autodiff, exceeds the tolerance.
+    assume(abs(float(f(a0, b0))) < 1e3)
     assert ad.gradcheck(f, a0, b0, atol=1e-5, rtol=1e-4)

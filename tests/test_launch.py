@@ -177,6 +177,15 @@ def test_time_to_accuracy_sums_step_times_until_the_first_evaluation_at_target()
     assert scaling.time_to_accuracy(steps, tests, 0.95) == float("inf")
 
 
+def test_time_to_accuracy_over_a_window_needs_the_mean_of_full_windows_at_target():
+    """One lucky evaluation does not count: with a window of 2, the first full window is at
+    step 4, and (0.9 + 0.6) / 2 = 0.75 < 0.8 there; steps 6 and 8 average 0.8."""
+    steps, tests = records([1.0] * 8, [(2, 0.9), (4, 0.6), (6, 0.7), (8, 0.9)])
+    assert scaling.time_to_accuracy(steps, tests, 0.8) == 2.0
+    assert scaling.time_to_accuracy(steps, tests, 0.8, window=2) == 8.0
+    assert scaling.smoothed_accuracy(tests, 2) == pytest.approx([0.9, 0.75, 0.65, 0.8])
+
+
 def test_summary_drops_warmup_and_splits_the_step():
     steps, tests = records([9.0, 9.0, 9.0] + [0.1] * 10, [(13, 0.5)])
     for r in steps:

@@ -260,16 +260,26 @@ def summarise(point: Point, steps: list[dict], tests: list[dict], target: float 
             point.time_to_target_s = time_to_accuracy(steps, tests, target)
 
 
-def time_to_accuracy(steps: list[dict], tests: list[dict], target: float) -> float:
+def smoothed_accuracy(tests: list[dict], window: int = 1) -> list[float]:
+    """Test accuracy at each evaluation, averaged over it and the `window` - 1 before it (fewer
+    at the start): the iterates of small-batch SGD scatter by a few points between
+    evaluations, and a mean over a window is what a run can be said to have reached."""
+    accs = [float(t["test_acc"]) for t in tests]
+    return [statistics.fmean(accs[max(0, i + 1 - window) : i + 1]) for i in range(len(accs))]
+
+
+def time_to_accuracy(steps: list[dict], tests: list[dict], target: float,
+                     window: int = 1) -> float:
     """Training wall-clock seconds (sum of step times, evaluation excluded) until the first
-    evaluation whose test accuracy is at least `target`; inf if none reaches it."""
+    evaluation whose test accuracy, averaged over it and the `window` - 1 evaluations before it
+    (see `smoothed_accuracy`), is at least `target`; inf if none reaches it."""
     elapsed = {}
     total = 0.0
     for r in steps:
         total += float(r["step_s"])
         elapsed[int(r["step"])] = total
-    for t in tests:
-        if float(t["test_acc"]) >= target - 1e-12:
+    for i, (t, acc) in enumerate(zip(tests, smoothed_accuracy(tests, window))):
+        if i + 1 >= window and acc >= target - 1e-12:
             return elapsed.get(int(t["step"]), total)
     return float("inf")
 
@@ -407,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                          "reach the uncompressed run's accuracy even if they need more epochs")
     ap.add_argument("--target", type=float, default=None,
                     help="test accuracy to time (default: the uncompressed run's final one)")
+    ap.add_argument("--accuracy-window", type=int, default=1,
+                    help="average the test accuracy over this many evaluations (each run's, "
+                         "and the uncompressed run's final one that sets the target)")
     ap.add_argument("--train-args", default="", help="more `distad train` arguments")
     ap.add_argument("--predict-ranks", default="64,128,256,512,1024")
     ap.add_argument("--predict-rates", default="1,10,100", help="Gbit/s")
@@ -556,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _efficiency(points, args.mode)
     if args.epochs:
-        _time_to_target(points, args.target)
+        _time_to_target(points, args.target, args.accuracy_window)
     _write(out, points, args, header, nets, cals, cores)
     print("\n" + format_table(points, with_accuracy=bool(args.epochs)))
     print(f"\nwrote {out}/scaling.csv, scaling.json, predictions.csv, calibration.json")
@@ -583,18 +596,22 @@ def _efficiency(points: list[Point], mode: str) -> None:
                 p.efficiency = p.samples_per_s / (base.samples_per_s * p.ranks / base.ranks)
 
 
-def _time_to_target(points: list[Point], target: float | None) -> None:
-    """Time to `target` accuracy (default: each link's uncompressed run's final accuracy)."""
+def _time_to_target(points: list[Point], target: float | None, window: int = 1) -> None:
+    """Time to `target` accuracy (default: each link's uncompressed run's final accuracy,
+    averaged over its last `window` evaluations), every run's accuracy averaged the same way."""
     for key in {(p.link, p.ranks) for p in points}:
         group = [p for p in points if (p.link, p.ranks) == key]
         ref = next((p for p in group if p.compress == "none"), None)
-        tgt = target if target is not None else (ref.test_acc if ref else None)
+        tgt = target
+        if tgt is None and ref is not None:
+            tgt = smoothed_accuracy(read_metrics(Path(ref.run_dir))[1], window)[-1]
         if tgt is None:
             continue
         for p in group:
             steps, tests = read_metrics(Path(p.run_dir))
-            p.time_to_target_s = time_to_accuracy(steps, tests, tgt)
+            p.time_to_target_s = time_to_accuracy(steps, tests, tgt, window)
             p.extra["target_acc"] = tgt
+            p.extra["accuracy_window"] = window
 
 
 def format_table(points: Sequence[Point], with_accuracy: bool = False) -> str:

@@ -214,8 +214,12 @@ def _mean_in_place(total: np.ndarray, count: int) -> np.ndarray:
     return total
 
 
-def _destination(out: np.ndarray | None, n: int, op: str) -> np.ndarray | None:
-    return None if out is None else output_array(out, n, op)
+def _start(comm: Any, x: np.ndarray, out: np.ndarray | None, op: str
+           ) -> tuple[np.ndarray, np.ndarray | None, _Traffic]:
+    """What every strategy begins with: the checked bucket, the caller's destination (None
+    without ``out``) and a counter of this call's traffic and phase times."""
+    x = check_bucket(x, op)
+    return x, (None if out is None else output_array(out, x.size, op)), _Traffic(comm)
 
 
 def _detached(sent: Sent | None, dest: np.ndarray | None) -> Sent | None:
@@ -250,11 +254,9 @@ def allreduce_payloads(
     mean and cannot overflow; the others are summed (integers exactly) and divided after
     decoding.
     """
-    x = check_bucket(x, "allreduce")
+    x, dest, t = _start(comm, x, out, "allreduce")
     if not compressor.summable:
         raise ValueError(f"allreduce: {compressor.spec} payloads are not summable")
-    dest = _destination(out, x.size, "allreduce")
-    t = _Traffic(comm)
     p, n = t.size, x.size
     meta = _shared_meta(t, compressor, x)
     divide = compressor.divide_before_sum and p > 1
@@ -297,9 +299,7 @@ def dense_allreduce(
     Costs 4n bytes like no compression, but keeps the compressor's numerics; for a sparse
     payload of density above about 1/p it is cheaper than allgather.
     """
-    x = check_bucket(x, "dense_allreduce")
-    dest = _destination(out, x.size, "dense_allreduce")
-    t = _Traffic(comm)
+    x, dest, t = _start(comm, x, out, "dense_allreduce")
     meta = _shared_meta(t, compressor, x)
     with t.phase("compress"):
         payload = compressor.compress(x, rng, meta)
@@ -330,9 +330,7 @@ def allgather_payloads(
     Fixed-size payloads use one Allgather; variable ones (threshold) first Allgather their
     sizes (8 bytes per rank), then Allgatherv. Each rank receives p payloads.
     """
-    x = check_bucket(x, "allgather")
-    dest = _destination(out, x.size, "allgather")
-    t = _Traffic(comm)
+    x, dest, t = _start(comm, x, out, "allgather")
     n = x.size
     meta = _shared_meta(t, compressor, x)
     with t.phase("compress"):
@@ -377,8 +375,7 @@ def two_phase_exchange(
         raise ValueError(f"two_phase: {compressor.spec} needs its own multi-round exchange")
     if x.size < mpi_comm(comm).Get_size():
         return allgather_payloads(comm, x, compressor, rng, need_sent=need_sent, out=out)
-    dest = _destination(out, x.size, "two_phase")
-    t = _Traffic(comm)
+    x, dest, t = _start(comm, x, out, "two_phase")
     p, me, n = t.size, t.rank, x.size
     bounds = [j * n // p for j in range(p + 1)]
     sizes = [bounds[j + 1] - bounds[j] for j in range(p)]
@@ -434,11 +431,9 @@ def majority_vote(
     Every rank's packed sign bits are allgathered (ceil(n / 8) bytes each); the result is
     sign(sum of the ranks' ±1) as float32, 0 where the vote is tied.
     """
-    x = check_bucket(x, "majority")
+    x, dest, t = _start(comm, x, out, "majority")
     if not compressor.majority_vote:
         raise ValueError(f"majority: {compressor.spec} does not send packed sign bits")
-    dest = _destination(out, x.size, "majority")
-    t = _Traffic(comm)
     n = x.size
     with t.phase("compress"):
         payload = compressor.compress(x, rng)
@@ -482,11 +477,9 @@ def powersgd_exchange(
     ``state`` of the result is the averaged Q (flat float32), the next call's warm start;
     ``sent`` is this rank's P (M^T P)^T (Vogels et al.'s per-rank error-feedback term).
     """
-    x = check_bucket(x, "powersgd")
+    x, dest, t = _start(comm, x, out, "powersgd")
     if not isinstance(compressor, PowerSGD):
         raise ValueError(f"powersgd: needs a PowerSGD compressor, got {compressor.spec}")
-    dest = _destination(out, x.size, "powersgd")
-    t = _Traffic(comm)
     p, n, r = t.size, x.size, compressor.rank
     blocks = compressor.plan(n, shapes)
     low_rank = [b for b in blocks if b.compressed]
