@@ -177,6 +177,20 @@ def test_time_to_accuracy_sums_step_times_until_the_first_evaluation_at_target()
     assert scaling.time_to_accuracy(steps, tests, 0.95) == float("inf")
 
 
+def test_calibrations_merge_to_the_fastest_of_every_timing():
+    """Like a point's runs, repeated calibrations keep the fastest figure of each timing;
+    counts, lists and names are the same in every run and come from the first."""
+    a = {"forward_s": 0.010, "batch": 32, "bucket_elems": [3, 4],
+         "compressors": {"topk": {"compress_s_per_elem": 2e-9, "strategies": ["allgather"]}}}
+    b = {"forward_s": 0.008, "batch": 32, "bucket_elems": [3, 4],
+         "compressors": {"topk": {"compress_s_per_elem": 3e-9, "strategies": ["allgather"]}}}
+    merged = scaling.fastest_of([a, b])
+    assert merged["forward_s"] == 0.008 and merged["batch"] == 32
+    assert merged["compressors"]["topk"] == {"compress_s_per_elem": 2e-9,
+                                             "strategies": ["allgather"]}
+    assert scaling.typical([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
 def test_time_to_accuracy_over_a_window_needs_the_mean_of_full_windows_at_target():
     """One lucky evaluation does not count: with a window of 2, the first full window is at
     step 4, and (0.9 + 0.6) / 2 = 0.75 < 0.8 there; steps 6 and 8 average 0.8."""
