@@ -222,6 +222,19 @@ def test_predictions_cover_the_requested_ranks_and_rates():
     assert all(0 < r["efficiency"] <= 1 for r in rows)
 
 
+def test_calibrate_prints_the_one_rank_step_of_every_spec(capsys, tmp_path):
+    """`--calibrate` times one rank's step per compressor and writes nothing to --out; the
+    compressed step costs more than the plain one (its backward carries the compression)."""
+    rc = scaling.main(["--calibrate", "--hidden", "64", "--features", "32", "--batch-size",
+                       "4", "--compress", "none,topk:0.1+ef", "--out", str(tmp_path / "x")])
+    assert rc == 0 and not (tmp_path / "x").exists()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["none", "topk:0.1+ef"]
+    step = {r.split("|")[1].strip(): float(r.split("|")[5]) for r in rows[1:]}
+    assert all(v > 0 for v in step.values())
+    assert step["topk:0.1+ef"] > step["none"]
+
+
 @pytest.mark.slow
 def test_a_small_sweep_writes_csv_json_and_plots(tmp_path, launch_env, monkeypatch):
     for k in list(os.environ):

@@ -182,7 +182,10 @@ def calibrate(cfg: dict[str, Any], compressors: Sequence[str], repeats: int = 20
         "backward_s": typical(base["backward"]),
         "update_s": typical(base["update"]), "fixed_s": typical(base["extra"]),
         "batch": tc.batch_size, "bucket_elems": [int(b.buffer.size) for b in buckets],
-        "parameters": n, "compressors": {}}
+        "parameters": n, "compressors": {},
+        "phases_s": {spec: {k: typical(times[spec][k])
+                            for k in ("forward", "backward", "update", "step")}
+                     for spec in specs}}
     for spec in specs[1:]:
         # The compressor's cost in situ: the same one-rank step with it, minus without it.
         extra_s = max(typical(times[spec]["step"]) - typical(base["step"]), 0.0)
@@ -197,6 +200,17 @@ def calibrate(cfg: dict[str, Any], compressors: Sequence[str], repeats: int = 20
                                     "accumulate_s_per_elem": typical(acc) / n,
                                     "strategies": strategies}
     return out
+
+
+def format_calibration(cal: dict[str, Any]) -> str:
+    """The one-rank step of each spec as a markdown table (medians, ms)."""
+    rows = ["| compressor | forward ms | backward ms (incl. compression) | update ms | step ms |",
+            "|---|---:|---:|---:|---:|"]
+    for spec, ph in cal["phases_s"].items():
+        rows.append(f"| {spec} | " + " | ".join(f"{ph[k] * 1e3:.1f}" for k in
+                                                 ("forward", "backward", "update", "step"))
+                    + " |")
+    return "\n".join(rows)
 
 
 def _accumulate_seconds(comp: Any, grads: Sequence[Any], seed: int) -> float:
@@ -454,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recalibrate", action="store_true",
                     help="with --reuse: time the compute and compressors again instead of "
                          "reading --out/calibration.json")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="only time one rank's step (forward, backward with the hooks' "
+                         "compression path, optimizer update) for each --compress spec at "
+                         "--batch-size, on this process's core, and print the table")
     ap.add_argument("--calibrate-only", metavar="JSON", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -462,8 +480,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(calibrate(spec["cfg"], spec["compressors"])))
         return 0
 
-    out = Path(args.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     ranks = sorted({int(r) for r in args.ranks.split(",")})
     links = [s.strip() for s in args.links.split(",") if s.strip()]
     specs = [s.strip() for s in args.compress.split(",") if s.strip()]
@@ -475,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
            "classes": args.classes, "samples": args.samples, "lr": args.lr, "seed": args.seed,
            "bucket_mb": args.bucket_mb, "first_bucket_mb": args.first_bucket_mb,
            "schedule": args.schedule, "train_extra": shlex.split(args.train_args)}
+    if args.calibrate:
+        print(f"# one rank, batch {args.batch_size}: {machine_line()}")
+        print(format_calibration(calibrate({**cfg, "batch_size": args.batch_size}, specs)))
+        return 0
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     cluster = launch_dir / "emulated-cluster"
     shaped: set[str] = set()
 
