@@ -243,10 +243,13 @@ def test_a_small_sweep_writes_csv_json_and_plots(tmp_path, launch_env, monkeypat
     out = tmp_path / "sweep"
     rc = scaling.main(["--ranks", "1,2", "--hidden", "32", "--features", "16", "--samples",
                        "512", "--steps", "6", "--no-calibrate", "--wait-idle", "0",
-                       "--out", str(out), "--predict-ranks", "64", "--predict-rates", "10"])
+                       "--out", str(out), "--predict-ranks", "64", "--predict-rates", "10",
+                       "--calibrate-each"])
     assert rc == 0
     data = json.loads((out / "scaling.json").read_text())
     assert [p["ranks"] for p in data["points"]] == [1, 2]
+    assert {p["extra"]["calibrated"] for p in data["points"]} == {"beside each run"}
+    assert all((Path(p["run_dir"]) / "calibration.json").exists() for p in data["points"])
     assert all(p["step_s"] > 0 and p["pred_step_s"] > 0 for p in data["points"])
     assert (out / "scaling.csv").read_text().startswith("mode,link,compress,ranks")
     assert (out / "predictions.csv").exists()

@@ -468,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recalibrate", action="store_true",
                     help="with --reuse: time the compute and compressors again instead of "
                          "reading --out/calibration.json")
+    ap.add_argument("--calibrate-each", action="store_true",
+                    help="calibrate the model just before each run, for that run's compressor, "
+                         "and predict each point from the fastest of its runs' calibrations "
+                         "(as the point is the fastest of its runs): on a machine whose load "
+                         "drifts, the model is then compared with the state it was measured "
+                         "in, not the sweep's start")
     ap.add_argument("--calibrate", action="store_true",
                     help="only time one rank's step (forward, backward with the hooks' "
                          "compression path, optimizer update) for each --compress spec at "
@@ -526,16 +532,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.reuse and not args.recalibrate and (out / "calibration.json").exists():
         cals = {int(k): v for k, v in
                 json.loads((out / "calibration.json").read_text()).items()}
+    def calibration(b: int, compressors: Sequence[str]) -> dict[str, Any]:
+        """One calibration at per-rank batch b, in a subprocess with one BLAS thread."""
+        wait_for_idle(timeout=args.wait_idle)
+        spec = {"cfg": {**cfg, "batch_size": b}, "compressors": list(compressors)}
+        res = subprocess.run([python, "-m", "distad.bench.scaling", "--calibrate-only",
+                              json.dumps(spec)], env=env, capture_output=True, text=True,
+                             check=True, timeout=args.timeout)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
     for b in sorted({per_rank_batch(p) for p in ranks} - set(cals)):
-        spec = {"cfg": {**cfg, "batch_size": b}, "compressors": specs}
-        runs = []
-        for _ in range(max(1, args.repeats)):
-            wait_for_idle(timeout=args.wait_idle)
-            res = subprocess.run([python, "-m", "distad.bench.scaling", "--calibrate-only",
-                                  json.dumps(spec)], env=env, capture_output=True, text=True,
-                                 check=True, timeout=args.timeout)
-            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        cals[b] = fastest_of(runs)
+        cals[b] = fastest_of([calibration(b, specs) for _ in range(max(1, args.repeats))])
     (out / "calibration.json").write_text(json.dumps(cals, indent=1) + "\n")
 
     nets: dict[tuple[str, int], CollectiveModel | None] = {}
@@ -566,9 +573,18 @@ def main(argv: list[str] | None = None) -> int:
             for spec in specs:
                 b = per_rank_batch(p)
                 run_dir = out / "runs" / f"{link}-{spec.replace(':', '_').replace('+', '_')}-p{p}"
-                runs = []
+                runs, beside = [], []
                 for r in range(max(1, args.repeats)):
                     rdir = run_dir if r == 0 else run_dir.with_name(f"{run_dir.name}-r{r}")
+                    cal_path = rdir / "calibration.json"
+                    if args.calibrate_each and args.reuse and cal_path.exists():
+                        beside.append(json.loads(cal_path.read_text()))
+                    elif args.calibrate_each and not (args.reuse and
+                                                      (rdir / "point.json").exists()):
+                        # just before the run, in the machine's state of the run
+                        beside.append(calibration(b, ["none", spec]))
+                        rdir.mkdir(parents=True, exist_ok=True)
+                        cal_path.write_text(json.dumps(beside[-1], indent=1) + "\n")
                     cmd = launcher(link, p, launch_dir, python) + ["-m", "distad", "train"] + \
                         train_args(cfg, b, args.steps, epochs_for(spec), spec, rdir)
                     point = Point(args.mode, link, spec, p, b, args.steps, run_dir=str(rdir))
@@ -604,7 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                 point.extra["run_step_s"] = [q.step_s for q in runs]
                 point.extra["run_loads"] = [q.load for q in runs]
                 comp, strategy = compressor_and_strategy(spec, max(first_cal["bucket_elems"]), p)
-                predict(point, cals[b], net, cores, comp, strategy)
+                predict(point, fastest_of(beside) if beside else cals[b], net, cores, comp,
+                        strategy)
+                point.extra["calibrated"] = "beside each run" if beside else "at the start"
                 points.append(point)
                 print(_row_line(point), flush=True)
 
