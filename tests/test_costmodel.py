@@ -268,3 +268,26 @@ def test_alpha_beta_time_is_linear():
     ab = AlphaBeta(1e-6, 2e-9)
     assert ab.time(0) == 1e-6 and ab.time(1e6) == pytest.approx(1e-6 + 2e-3)
     assert math.isclose(np.float64(ab.time(10)), 1e-6 + 2e-8)
+
+
+@pytest.mark.parametrize("cpu_bound", [False, True])
+def test_a_synchronisation_of_busy_ranks_is_waited_for_once_per_step(cpu_bound):
+    """sync_s (a small allreduce among ranks that each keep a thread busy) adds to the wait and
+    the step once, on a link and on shared memory, and leaves compute alone."""
+    net_ = CollectiveModel(alpha=1e-5, beta=1 / 1e9, cpu_bound=cpu_bound)
+    m = step()
+    plain, synced = m.predict(net_, 4), m.predict(net_, 4, sync_s=0.02)
+    assert synced.step == pytest.approx(plain.step + 0.02)
+    assert synced.wait == pytest.approx(plain.wait + 0.02)
+    assert synced.compute == pytest.approx(plain.compute)
+
+
+def test_busy_threads_run_while_the_block_runs_and_stop_after():
+    import threading
+
+    from distad.bench.collectives import busy_threads
+
+    before = threading.active_count()
+    with busy_threads(2):
+        assert threading.active_count() == before + 2
+    assert threading.active_count() == before

@@ -25,8 +25,10 @@ import argparse
 import json
 import platform
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -258,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                          "bytes, and a training step with and without overlap")
     ap.add_argument("--only-model", action="store_true",
                     help="skip the message-size sweep (with --model-params)")
+    ap.add_argument("--busy-threads", type=int, default=0,
+                    help="keep this many threads per rank busy with numpy arithmetic while "
+                         "timing, as a training step's computation does: with more ranks than "
+                         "cores a collective then waits for its peers to be scheduled")
     args = ap.parse_args(argv)
 
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -278,19 +284,45 @@ def main(argv: list[str] | None = None) -> int:
         _bench_model_sync(comm, int(args.model_params), args.repeats or 20)
         if args.only_model:
             return 0
-    rows = run(comm, ops, sizes, np.dtype(args.dtype), args.repeats, args.warmup,
-               int(args.budget_mb * (1 << 20)), args.min_repeats, args.max_repeats)
+    with busy_threads(args.busy_threads):
+        rows = run(comm, ops, sizes, np.dtype(args.dtype), args.repeats, args.warmup,
+                   int(args.budget_mb * (1 << 20)), args.min_repeats, args.max_repeats)
     if comm.rank == 0:
         library = MPI.Get_library_version().splitlines()[0].strip()
         header = (f"distad bench collectives: P={comm.size}, {args.dtype}, {library}, "
-                  f"mpi4py {mpi4py.__version__}, numpy {np.__version__}, host {platform.node()}")
+                  f"mpi4py {mpi4py.__version__}, numpy {np.__version__}, host {platform.node()}"
+                  + (f", {args.busy_threads} busy thread(s) per rank" if args.busy_threads
+                     else ""))
         print(f"# {header}\n\n{format_table(rows)}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"header": header, "p": comm.size, "dtype": args.dtype,
+                           "busy_threads": args.busy_threads,
                            "argv": sys.argv if argv is None else argv,
                            "rows": [asdict(r) for r in rows]}, f, indent=1)
     return 0
+
+
+@contextmanager
+def busy_threads(count: int) -> Iterator[None]:
+    """Run `count` daemon threads of 256 x 256 float32 matrix products (numpy releases the GIL
+    for them) for the duration of the block."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        a = np.full((256, 256), 0.5, np.float32)
+        while not stop.is_set():
+            a @ a
+
+    threads = [threading.Thread(target=spin, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
 
 
 def _bench_model_sync(comm: Communicator, n_params: int, repeats: int) -> None:

@@ -361,16 +361,18 @@ def run_point(point: Point, cmd: list[str], env: dict[str, str], timeout: float)
 
 
 def collectives_json(link: str, ranks: int, sizes: str, out: Path, launch_dir: Path,
-                     python: str, env: dict[str, str], timeout: float, reuse: bool = False
-                     ) -> Path:
+                     python: str, env: dict[str, str], timeout: float, reuse: bool = False,
+                     busy: int = 0) -> Path:
     """Run `distad bench collectives --json` on `link` with `ranks` ranks; return the path
-    (with `reuse`, an existing file is kept)."""
-    path = out / f"collectives-{link}-p{ranks}.json"
+    (with `reuse`, an existing file is kept). `busy`: that many busy threads per rank, and
+    only the allreduce."""
+    path = out / f"collectives-{link}-p{ranks}{'-busy' if busy else ''}.json"
     if reuse and path.exists():
         return path
     cmd = launcher(link, ranks, launch_dir, python) + [
-        "-m", "distad.bench.collectives", "--ops", "allreduce,allgather", "--sizes", sizes,
-        "--budget-mb", "64", "--min-repeats", "5", "--max-repeats", "30", "--json", str(path)]
+        "-m", "distad.bench.collectives", "--ops", "allreduce" if busy else "allreduce,allgather",
+        "--sizes", sizes, "--budget-mb", "64", "--min-repeats", "5", "--max-repeats", "30",
+        "--json", str(path)] + (["--busy-threads", str(busy)] if busy else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0 or not path.exists():
         raise RuntimeError(f"collectives calibration failed: {shlex.join(cmd)}\n"
@@ -389,15 +391,23 @@ def step_model(cal: dict[str, Any], compress: str) -> StepModel:
                      accumulate_s_per_elem=c.get("accumulate_s_per_elem", 0.0))
 
 
+def busy_latency(path: Path) -> float:
+    """The smallest message's allreduce time (median of the slowest rank's) from a
+    `--busy-threads` run of `distad bench collectives`: one synchronisation of busy ranks."""
+    rows = json.loads(path.read_text())["rows"]
+    return float(min(rows, key=lambda r: r["bytes"])["time_s"])
+
+
 def predict(point: Point, cal: dict[str, Any], net: CollectiveModel | None, cores: int,
-            compressor_obj: Any, strategy: str | None) -> None:
+            compressor_obj: Any, strategy: str | None, sync_s: float = 0.0) -> None:
     """Fill the predicted fields of `point`."""
     model = step_model(cal, point.compress)
     if net is None:
         net = CollectiveModel()
     pred = model.predict(net, point.ranks, batch=point.batch_per_rank,
                          compressor=compressor_obj, strategy=strategy,
-                         cores_per_rank=min(1.0, cores / point.ranks))
+                         cores_per_rank=min(1.0, cores / point.ranks), sync_s=sync_s)
+    point.extra["sync_s"] = sync_s
     point.pred_step_s, point.pred_compute_s, point.pred_wait_s = pred.step, pred.compute, pred.wait
     if point.step_s:
         point.pred_error = pred.step / point.step_s - 1
@@ -552,12 +562,14 @@ def main(argv: list[str] | None = None) -> int:
     first_cal = next(iter(cals.values()))
     print(f"# model: {first_cal['parameters']:,} parameters, buckets "
           f"{first_cal['bucket_elems']}", flush=True)
+    syncs: dict[tuple[str, int], float] = {}
     for link in links:
         for p in ranks:
             net = None
             if p > 1 and not args.no_calibrate:
                 sizes = "4,256,1K,64K,256K,1M,4M,16M,32M"
-                if not (args.reuse and (out / f"collectives-{link}-p{p}.json").exists()):
+                if not (args.reuse and (out / f"collectives-{link}-p{p}.json").exists()
+                        and (out / f"collectives-{link}-p{p}-busy.json").exists()):
                     use_link(link)
                 wait_for_idle(timeout=args.wait_idle)
                 path = collectives_json(link, p, sizes, out, launch_dir, python, env,
@@ -565,6 +577,13 @@ def main(argv: list[str] | None = None) -> int:
                 # p10 of each size's repeats: other jobs only ever add time (as for the runs).
                 net = CollectiveModel.from_bench([path], name=link, cpu_bound=(link == "shm"),
                                                  stat="p10_s")
+                # One synchronisation of ranks that each keep a thread busy, as in training
+                # (main thread and communication thread): with more threads than cores the
+                # ranks wait for each other to be scheduled.
+                wait_for_idle(timeout=args.wait_idle)
+                syncs[(link, p)] = busy_latency(collectives_json(
+                    link, p, "4", out, launch_dir, python, env, args.timeout,
+                    reuse=args.reuse, busy=1))
             elif p > 1:
                 net = (CollectiveModel.link(float(link[:-4]) / (1000 if "mbit" in link else 1))
                        if link.endswith("bit") else
@@ -621,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
                 point.extra["run_loads"] = [q.load for q in runs]
                 comp, strategy = compressor_and_strategy(spec, max(first_cal["bucket_elems"]), p)
                 predict(point, fastest_of(beside) if beside else cals[b], net, cores, comp,
-                        strategy)
+                        strategy, syncs.get((link, p), 0.0))
                 point.extra["calibrated"] = "beside each run" if beside else "at the start"
                 points.append(point)
                 print(_row_line(point), flush=True)

@@ -434,7 +434,8 @@ class StepModel:
 
     def predict(self, net: CollectiveModel, p: int, *, batch: int | None = None,
                 compressor: Any = None, strategy: str | None = None,
-                cores_per_rank: float = 1.0, overlap: bool = True) -> StepPrediction:
+                cores_per_rank: float = 1.0, overlap: bool = True,
+                sync_s: float = 0.0) -> StepPrediction:
         """Predict one step on p ranks over ``net`` at ``batch`` samples per rank.
 
         ``compressor``/``strategy``: as in ``CollectiveModel.seconds`` (None: exact float32
@@ -444,7 +445,11 @@ class StepModel:
         on the communication thread once backward has produced it and bucket i-1's collective
         is done; compression arithmetic takes the rank's core away from backward; on a
         ``cpu_bound`` network (shared memory) the copies of a collective do too, so nothing
-        overlaps. ``overlap=False``: all collectives after backward.
+        overlaps. ``overlap=False``: all collectives after backward. ``sync_s``: what one
+        synchronisation of ranks that are computing costs beyond the collective itself, paid
+        once per step (with more threads than cores, the latency of a small allreduce while
+        every rank keeps a thread busy, as `distad bench collectives --busy-threads 1`
+        measures it: the ranks wait for each other to be scheduled); 0 with a core per thread.
         """
         b = batch if batch is not None else self.batch
         slow = 1.0 / min(1.0, cores_per_rank)
@@ -470,7 +475,7 @@ class StepModel:
         if net.cpu_bound or not overlap:
             # Everything on the rank's core, one after the other.
             compute = fwd + bwd + total_compress + update
-            wait = total_comm
+            wait = total_comm + sync_s
             return StepPrediction(compute, total_compress, total_comm, wait,
                                   compute + wait, bytes_rank)
         # Event schedule: the core runs forward, backward and the compression of each bucket
@@ -484,7 +489,7 @@ class StepModel:
             cpu_t += c                        # its compression, on the same core
             link_t = max(link_t, cpu_t) + t
         cpu_t += (1.0 - done_bwd) * bwd
-        end = max(cpu_t, link_t)
+        end = max(cpu_t, link_t) + sync_s
         compute = cpu_t + update
         wait = end - cpu_t
         return StepPrediction(compute, total_compress, total_comm, wait, end + update,
