@@ -71,8 +71,7 @@ class SparseVector:
         out[self.indices] -= self.values
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        dense = np.zeros(self.n, np.float32)
-        dense[self.indices] = self.values
+        dense = scatter(self.values, self.indices, self.n)
         return dense if dtype is None else dense.astype(dtype, copy=False)
 
 
@@ -263,6 +262,14 @@ def output_array(out: np.ndarray | None, n: int, op: str) -> np.ndarray:
     ):
         what = f"{out.dtype} array of shape {out.shape}" if isinstance(out, np.ndarray) else out
         raise ValueError(f"{op}: out must be a writeable contiguous float32 ({n},), got {what}")
+    return out
+
+
+def scatter(values: np.ndarray, indices: np.ndarray, n: int, out=None) -> np.ndarray:
+    """Dense float32 (n,) with ``values`` at ``indices`` and zeros elsewhere (into ``out``)."""
+    out = output_array(out, n, "scatter")
+    out.fill(0)
+    out[indices] = values
     return out
 
 

@@ -25,7 +25,7 @@ from .base import (
     check_payload,
     count_for_ratio,
     need_rng,
-    output_array,
+    scatter,
 )
 
 _F32 = np.dtype(np.float32)
@@ -108,14 +108,6 @@ def _k_largest(magnitudes: np.ndarray, k: int) -> np.ndarray:
     if need:
         keep[np.flatnonzero(magnitudes == kth)[:need]] = True
     return np.flatnonzero(keep)
-
-
-def scatter(values: np.ndarray, indices: np.ndarray, n: int, out=None) -> np.ndarray:
-    """Dense float32 (n,) with ``values`` at ``indices`` and zeros elsewhere (into ``out``)."""
-    out = output_array(out, n, "scatter")
-    out.fill(0)
-    out[indices] = values
-    return out
 
 
 def sample_indices(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
