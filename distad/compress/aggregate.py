@@ -43,7 +43,6 @@ from .powersgd import (
     LowRankVector,
     PowerSGD,
     as_matrix,
-    low_rank_into,
     matmul_rows,
     matmul_transposed,
     orthogonalise,
@@ -495,12 +494,11 @@ def powersgd_exchange(
         qs = _views(state, [(b.cols, r) for b in low_rank])
         round1 = np.empty(p_size + sum(b.size for b in dense), np.float32)
         ps = _views(round1, [(b.rows, r) for b in low_rank])
+        dense_slots = _split(round1[p_size:], [b.size for b in dense])
         for m, q, pm in zip(matrices, qs, ps):
             matmul_rows(m, q, pm)
-        offset = p_size
-        for b in dense:
-            round1[offset : offset + b.size] = x[b.start : b.start + b.size]
-            offset += b.size
+        for b, slot in zip(dense, dense_slots):
+            slot[:] = x[b.start : b.start + b.size]
     t.allreduce_in_place(round1, "sum")
     with t.phase("compress"):
         _mean_in_place(round1, p)
@@ -521,13 +519,8 @@ def powersgd_exchange(
         t.allreduce_in_place(round2, "sum")
     with t.phase("decompress"):
         _mean_in_place(round2, p)
-        mean = np.empty(n, np.float32) if dest is None else dest
-        for b, pm, q in zip(low_rank, ps, new_qs):
-            low_rank_into(pm, q, mean[b.start : b.start + b.size])
-        offset = p_size
-        for b in dense:
-            mean[b.start : b.start + b.size] = round1[offset : offset + b.size]
-            offset += b.size
+        averaged = LowRankVector(tuple(blocks), tuple(zip(ps, new_qs)), tuple(dense_slots), n)
+        mean = averaged.write_into(np.empty(n, np.float32) if dest is None else dest)
     return t.result(mean, "powersgd", sent, round2)
 
 

@@ -121,8 +121,12 @@ class LowRankVector:
         """``out -= self`` in place (float32, (n,))."""
         self._apply(out, subtract=True)
 
+    def write_into(self, out: np.ndarray) -> np.ndarray:
+        """The dense vector, written into ``out`` (float32, (n,)), which is returned."""
+        return self._apply(out, subtract=False)
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self._apply(np.empty(self.n, np.float32), subtract=False)
+        out = self.write_into(np.empty(self.n, np.float32))
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def _apply(self, out: np.ndarray, subtract: bool) -> np.ndarray:
