@@ -303,15 +303,20 @@ def time_to_accuracy(steps: list[dict], tests: list[dict], target: float,
     """Training wall-clock seconds (sum of step times, evaluation excluded) until the first
     evaluation whose test accuracy, averaged over it and the `window` - 1 evaluations before it
     (see `smoothed_accuracy`), is at least `target`; inf if none reaches it."""
-    elapsed = {}
-    total = 0.0
+    at = evaluation_times(steps, tests)
+    for i, (t_s, acc) in enumerate(zip(at, smoothed_accuracy(tests, window))):
+        if i + 1 >= window and acc >= target - 1e-12:
+            return t_s
+    return float("inf")
+
+
+def evaluation_times(steps: list[dict], tests: list[dict]) -> list[float]:
+    """Training wall-clock seconds (sum of step times) at each evaluation's step."""
+    elapsed, total = {}, 0.0
     for r in steps:
         total += float(r["step_s"])
         elapsed[int(r["step"])] = total
-    for i, (t, acc) in enumerate(zip(tests, smoothed_accuracy(tests, window))):
-        if i + 1 >= window and acc >= target - 1e-12:
-            return elapsed.get(int(t["step"]), total)
-    return float("inf")
+    return [elapsed.get(int(t["step"]), total) for t in tests]
 
 
 def link_counters(cluster: Path) -> dict[str, tuple[int, int]]:
@@ -866,11 +871,7 @@ def plot(out: Path, points: Sequence[Point], mode: str, accuracy: bool) -> None:
         window = max((int(p.extra.get("accuracy_window", 1)) for p in points), default=1)
         for p in points:
             steps, tests = read_metrics(Path(p.run_dir))
-            elapsed, total = {}, 0.0
-            for r in steps:
-                total += float(r["step_s"])
-                elapsed[int(r["step"])] = total
-            t_s = [elapsed.get(int(t["step"]), total) for t in tests]
+            t_s = evaluation_times(steps, tests)
             label = f"{p.link} {p.compress} P={p.ranks}"
             if window > 1:  # each evaluation faint, the windowed mean as the line
                 line, = ax.plot(t_s[window - 1:], smoothed_accuracy(tests, window)[window - 1:],
