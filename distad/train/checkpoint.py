@@ -188,3 +188,12 @@ def latest_step_dir(root: str | Path) -> Path | None:
     if not d.is_dir():
         raise CheckpointError(f"checkpoint {marker}: points at missing directory {d}")
     return d
+
+
+def check_identity(directory: str | Path, saved: dict[str, Any], expected: dict[str, Any]
+                   ) -> None:
+    """Raise if the run settings a checkpoint was written with differ from this run's."""
+    if saved != expected:
+        diff = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+        raise CheckpointError(f"checkpoint {directory}: written by a different run; differing "
+                              f"settings (checkpoint, now): {diff}")

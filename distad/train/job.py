@@ -281,12 +281,7 @@ def restore(cfg: TrainConfig, comm: Communicator, model, opt, sched, dp) -> int:
         return 0
     shared = ckpt.load_state(ckpt.rank_file(d, 0))
     mine = shared if comm.rank == 0 else ckpt.load_state(ckpt.rank_file(d, comm.rank))
-    expected = _identity(cfg, comm)
-    if shared["identity"] != expected:
-        diff = {k: (shared["identity"].get(k), v) for k, v in expected.items()
-                if shared["identity"].get(k) != v}
-        raise ckpt.CheckpointError(f"checkpoint {d}: written by a different run; differing "
-                                   f"settings (checkpoint, now): {diff}")
+    ckpt.check_identity(d, shared["identity"], _identity(cfg, comm))
     model.load_state_dict(shared["model"])
     opt.load_state_dict(shared["optimizer"])
     if sched is not None:

@@ -337,12 +337,7 @@ def restore(cfg: TrainConfig, g: Grid, parts: _Parts, opt, sched) -> int:
     if d is None:
         return 0
     mine = ckpt.load_state(ckpt.rank_file(d, g.world.rank))
-    expected = _identity(cfg, g)
-    if mine["identity"] != expected:
-        diff = {k: (mine["identity"].get(k), v) for k, v in expected.items()
-                if mine["identity"].get(k) != v}
-        raise ckpt.CheckpointError(f"checkpoint {d}: written by a different run; differing "
-                                   f"settings (checkpoint, now): {diff}")
+    ckpt.check_identity(d, mine["identity"], _identity(cfg, g))
     parts.module.load_state_dict(mine["model"])
     opt.load_state_dict(mine["optimizer"])
     if sched is not None:
