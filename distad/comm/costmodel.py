@@ -445,11 +445,13 @@ class StepModel:
         on the communication thread once backward has produced it and bucket i-1's collective
         is done; compression arithmetic takes the rank's core away from backward; on a
         ``cpu_bound`` network (shared memory) the copies of a collective do too, so nothing
-        overlaps. ``overlap=False``: all collectives after backward. ``sync_s``: what one
-        synchronisation of ranks that are computing costs beyond the collective itself, paid
-        once per step (with more threads than cores, the latency of a small allreduce while
-        every rank keeps a thread busy, as `distad bench collectives --busy-threads 1`
-        measures it: the ranks wait for each other to be scheduled); 0 with a core per thread.
+        overlaps. ``overlap=False``: all collectives after backward. ``sync_s``: how long
+        ranks that are computing take to meet (with more threads than cores, the latency of a
+        small allreduce while every rank keeps a thread busy, as `distad bench collectives
+        --busy-threads 1` measures it: the ranks wait for each other to be scheduled; 0 with
+        a core per thread). It is a floor, not a surcharge: a rank waits at least ``sync_s``
+        after its own compute once per step, and a collective that outlasts that already
+        contains the meeting (the ranks' copying or the link kept them waiting anyway).
         """
         b = batch if batch is not None else self.batch
         slow = 1.0 / min(1.0, cores_per_rank)
@@ -475,7 +477,7 @@ class StepModel:
         if net.cpu_bound or not overlap:
             # Everything on the rank's core, one after the other.
             compute = fwd + bwd + total_compress + update
-            wait = total_comm + sync_s
+            wait = max(total_comm, sync_s)  # a long collective contains the meeting
             return StepPrediction(compute, total_compress, total_comm, wait,
                                   compute + wait, bytes_rank)
         # Event schedule: the core runs forward, backward and the compression of each bucket
@@ -489,7 +491,7 @@ class StepModel:
             cpu_t += c                        # its compression, on the same core
             link_t = max(link_t, cpu_t) + t
         cpu_t += (1.0 - done_bwd) * bwd
-        end = max(cpu_t, link_t) + sync_s
+        end = max(cpu_t + sync_s, link_t)
         compute = cpu_t + update
         wait = end - cpu_t
         return StepPrediction(compute, total_compress, total_comm, wait, end + update,
