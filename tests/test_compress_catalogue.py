@@ -312,3 +312,42 @@ def test_fp16_decodes_every_half_bit_pattern_like_numpy():
     special = np.float16([1.0, np.inf, -np.inf, np.nan, -2.0])
     got = C.FP16().decompress(C.Payload((special,)), special.size)
     np.testing.assert_array_equal(got, special.astype(np.float32))
+
+
+@pytest.mark.parametrize("shape, dtype", [((1 << 19,), np.float32), ((300, 1000), np.float64),
+                                          ((10,), np.float32)])
+def test_zero_fill_clears_small_large_and_strided_arrays(shape, dtype):
+    from distad._blocked import zero_fill
+
+    a = np.full(shape, np.nan, dtype)
+    assert zero_fill(a) is a and not a.any()
+    b = np.full((2,) + shape, 7.0, dtype)[:, ...].swapaxes(0, -1)  # not C-contiguous
+    zero_fill(b)
+    assert not b.any()
+    a.fill(3.0)  # the zero source is not a's memory: it stays zero for the next caller
+    c = np.full(shape, 1.0, dtype)
+    assert not zero_fill(c).any()
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "randk:0.01", "threshold:0.01"])
+def test_sparse_decompress_of_a_large_bucket_clears_stale_contents(spec):
+    n = 1 << 19  # 2 MB: zeroed by a copy, not fill
+    c = compressor(spec)
+    x = bucket(n, seed=3)
+    payload = c.compress(x, np.random.default_rng(1))
+    out = c.decompress(payload, n, out=np.full(n, np.nan, np.float32))
+    values, indices = (payload.arrays[0], payload.meta["indices"]) if spec.startswith(
+        "randk") else payload.arrays
+    np.testing.assert_array_equal(out[indices], values)
+    assert np.count_nonzero(out) == np.count_nonzero(values)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "threshold:0.01"])
+def test_a_nan_in_a_large_bucket_is_sent_not_dropped(spec):
+    """The sparsifiers' magnitude order puts NaN above every number (as np.sort does), so a
+    NaN gradient reaches the other ranks instead of vanishing into the residual."""
+    x = bucket(1 << 19, seed=4)
+    x[12345] = np.nan
+    values, indices = compressor(spec).compress(x, np.random.default_rng(0)).arrays
+    assert 12345 in indices and np.isnan(values[list(indices).index(12345)])
+    assert np.isnan(values).sum() == 1

@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from distad._blocked import zero_fill
+
 #: One wire array of a payload, as (dtype, number of elements).
 ArraySpec = tuple[np.dtype, int]
 
@@ -267,8 +269,7 @@ def output_array(out: np.ndarray | None, n: int, op: str) -> np.ndarray:
 
 def scatter(values: np.ndarray, indices: np.ndarray, n: int, out=None) -> np.ndarray:
     """Dense float32 (n,) with ``values`` at ``indices`` and zeros elsewhere (into ``out``)."""
-    out = output_array(out, n, "scatter")
-    out.fill(0)
+    out = zero_fill(output_array(out, n, "scatter"))
     out[indices] = values
     return out
 
