@@ -261,3 +261,73 @@ def test_cross_entropy_is_finite_for_logits_of_1e4():
     assert float(loss) == pytest.approx((1e4 + np.log(2)) / 2, rel=1e-6)
     assert np.all(np.isfinite(z.grad))
     np.testing.assert_allclose(z.grad, [[0.5, -0.5, 0], [0, 0.25, -0.25]], atol=1e-6)
+
+
+# ---- batch normalisation ------------------------------------------------------------------
+
+def _bn_reference(x, gamma, beta, eps=1e-5):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mu, var = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * gamma.reshape(shape) + beta.reshape(shape)
+
+
+@pytest.mark.parametrize("layer, shape", [(nn.BatchNorm2d, (4, 3, 2, 2)),
+                                          (nn.BatchNorm1d, (6, 3)), (nn.BatchNorm1d, (3, 3, 4))])
+def test_batch_norm_training_gradients_match_finite_differences(layer, shape):
+    bn = layer(3).double()
+    assert ad.gradcheck(module_fn(bn, ["weight", "bias"]), randn(*shape), randn(3), randn(3))
+
+
+def test_batch_norm_eval_gradients_match_finite_differences_and_use_the_running_statistics():
+    bn = nn.BatchNorm2d(3).double().eval()
+    bn.running_mean[:] = [0.5, -1.0, 2.0]
+    bn.running_var[:] = [0.25, 4.0, 1.0]
+    x, g, b = randn(2, 3, 2, 2), randn(3), randn(3)
+    assert ad.gradcheck(module_fn(bn, ["weight", "bias"]), x, g, b)
+    y = functional_call(bn, {"weight": g, "bias": b}, x).data
+    s = (1, 3, 1, 1)
+    expect = ((x - bn.running_mean.reshape(s)) / np.sqrt(bn.running_var.reshape(s) + 1e-5)
+              * g.reshape(s) + b.reshape(s))
+    np.testing.assert_allclose(y, expect, rtol=1e-12)
+
+
+def test_batch_norm_output_and_running_statistics_follow_the_formulas():
+    x1, x2 = randn(5, 3, 2, 2), randn(5, 3, 2, 2) * 2 + 1
+    g, b = randn(3), randn(3)
+    for momentum in (0.1, None):
+        bn = nn.BatchNorm2d(3, momentum=momentum).double()
+        bn.weight.data[:], bn.bias.data[:] = g, b
+        np.testing.assert_allclose(bn(x1).data, _bn_reference(x1, g, b), rtol=1e-10, atol=1e-12)
+        bn(x2)
+        n = 5 * 2 * 2
+        means = [x.mean(axis=(0, 2, 3)) for x in (x1, x2)]
+        variances = [x.var(axis=(0, 2, 3)) * n / (n - 1) for x in (x1, x2)]  # unbiased
+        if momentum is None:  # the cumulative average of the batches
+            rm, rv = sum(means) / 2, sum(variances) / 2
+        else:
+            rm = 0.9 * (0.9 * 0 + 0.1 * means[0]) + 0.1 * means[1]
+            rv = 0.9 * (0.9 * 1 + 0.1 * variances[0]) + 0.1 * variances[1]
+        np.testing.assert_allclose(bn.running_mean, rm, rtol=1e-12)
+        np.testing.assert_allclose(bn.running_var, rv, rtol=1e-12)
+        assert int(bn.num_batches_tracked) == 2
+
+
+def test_batch_norm_forward_mode_matches_reverse_mode():
+    """<u, J v> from jvp equals <J^T u, v> from backward: forward mode goes through the same
+    composed statistics as reverse mode."""
+    bn = nn.BatchNorm1d(3).double()
+    x, v, u = randn(5, 3), randn(5, 3), randn(5, 3)
+    _, jv = ad.jvp(bn, (x,), (v,))
+    xt = ad.Tensor(x, requires_grad=True)
+    (bn(xt) * u).sum().backward()
+    np.testing.assert_allclose((np.asarray(jv) * u).sum(), (xt.grad * v).sum(), rtol=1e-10)
+
+
+def test_batch_norm_rejects_bad_shapes_with_the_shapes_in_the_message():
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1, 3\)"):
+        nn.BatchNorm1d(3)(np.ones((1, 3), np.float32))
+    with pytest.raises(ValueError, match=r"does not match the 3 channels.*\(2, 3, 2, 2\)"):
+        F.batch_norm(randn(2, 3, 2, 2), np.zeros(4), np.ones(4), training=True)
+    with pytest.raises(ValueError, match=r"BatchNorm2d: expected a 4-d input, got shape \(2, 3\)"):
+        nn.BatchNorm2d(3)(randn(2, 3))

@@ -271,3 +271,42 @@ def test_cross_entropy_rejects_float_labels_and_wrong_label_shape():
 def test_embedding_index_out_of_range_is_a_clear_error():
     with pytest.raises(IndexError, match="index 5 is out of range for 5 embeddings"):
         nn.Embedding(5, 2)(np.array([0, 5]))
+
+
+# ---- buffers -------------------------------------------------------------------------------
+
+class _WithBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2, rng=0)
+        self.register_buffer("count", np.zeros((), np.int64))
+        self.register_buffer("stat", np.arange(3, dtype=np.float32))
+        self.register_buffer("scratch", np.ones(2, np.float32), persistent=False)
+
+
+def test_buffers_are_attributes_state_and_not_parameters():
+    m = _WithBuffers()
+    assert [n for n, _ in m.named_buffers()] == ["count", "stat", "scratch"]
+    assert all(id(b) not in {id(p.data) for p in m.parameters()} for b in m.buffers())
+    assert list(m.state_dict()) == ["count", "stat", "lin.weight", "lin.bias"]  # own first
+    m.stat = np.full(3, 5.0, np.float32)  # assignment replaces the buffer
+    assert m.stat[0] == 5.0 and m.state_dict()["stat"][0] == 5.0
+    with pytest.raises(TypeError, match="buffer 'stat'"):
+        m.stat = [1.0, 2.0, 3.0]
+    with pytest.raises(TypeError, match="register_buffer"):
+        m.register_buffer("bad", 3.0)
+
+
+def test_buffers_round_trip_through_state_dict_in_place_and_cast_with_to():
+    m, other = _WithBuffers(), _WithBuffers()
+    m.count += 4
+    m.stat[:] = [7.0, 8.0, 9.0]
+    held = other.stat
+    other.load_state_dict(m.state_dict())
+    assert int(other.count) == 4 and other.stat is held  # loaded in place
+    np.testing.assert_array_equal(other.stat, [7.0, 8.0, 9.0])
+    with pytest.raises(ValueError, match="'stat'"):
+        other.load_state_dict({**m.state_dict(), "stat": np.zeros(4, np.float32)})
+    other.double()
+    assert other.stat.dtype == np.float64 and other.scratch.dtype == np.float64
+    assert other.count.dtype == np.int64  # counters stay integers

@@ -189,3 +189,46 @@ def test_sync_gradients_averages_gradients_computed_outside_backward(comm):
         if i == 1:
             expected = sum(r + 1 for r in range(1, comm.size)) / comm.size
         np.testing.assert_allclose(p.grad, expected, rtol=1e-6)
+
+
+def make_bn_model(seed=0):
+    return ad.nn.Sequential(ad.nn.Linear(8, 16, rng=seed), ad.nn.BatchNorm1d(16), ad.nn.ReLU(),
+                            ad.nn.Linear(16, 4, rng=seed + 1))
+
+
+def test_batch_norm_gradients_are_the_mean_of_each_shards_and_buffers_come_from_rank_0(comm):
+    """Each rank normalises its shard with the shard's own statistics (no SyncBatchNorm), so
+    the averaged gradient is the mean over ranks of one process's gradient per shard; the
+    running statistics are rank 0's at every training forward, then updated locally."""
+    dp = ad.parallel.DataParallel(make_bn_model(), comm)
+    bn = dp.module[1]
+    if comm.rank != 0:  # a rank's own statistics must not survive the broadcast
+        bn.running_mean[:] = 99.0
+    lr = 0.1
+    for step in range(3):
+        X, y = global_batch(4 * comm.size, seed=200 + step)
+        before = comm.allgather(bn.running_mean.copy())  # (p, 16): each rank's
+        ref = make_bn_model()
+        ref.load_state_dict(dp.module.state_dict())
+        ref[1].running_mean[:] = before[0]  # rank 0's, as broadcast
+        ref[1].running_var[:] = comm.bcast(bn.running_var.copy(), root=0)
+        expected = [np.zeros_like(p.data) for p in ref.parameters()]
+        for r in range(comm.size):  # one process, shard by shard, with rank 0's buffers
+            shard_model = make_bn_model()
+            shard_model.load_state_dict(ref.state_dict())
+            rows = slice(r * 4, (r + 1) * 4)
+            ad.nn.functional.cross_entropy(shard_model(X[rows]), y[rows]).backward()
+            for e, p in zip(expected, shard_model.parameters()):
+                e += p.grad / comm.size
+            if r == comm.rank:
+                mine = shard_model[1].running_mean.copy()
+        dp.zero_grad()
+        ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+        for p, e in zip(dp.module.parameters(), expected):
+            np.testing.assert_allclose(p.grad, e, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(bn.running_mean, mine, rtol=1e-6)  # rank 0's + own shard
+        assert int(bn.num_batches_tracked) == step + 1
+        for p in dp.module.parameters():
+            p.data -= lr * p.grad
+    for p in dp.module.parameters():  # parameters stay bit-identical
+        np.testing.assert_array_equal(comm.bcast(p.data.copy(), root=0), p.data)

@@ -82,6 +82,17 @@ def test_one_process_training_learns_digits(tmp_path):
     assert list(model) == ["1.weight", "1.bias", "3.weight", "3.bias"]
 
 
+def test_one_process_training_with_batch_norm_learns_digits_and_saves_its_statistics(tmp_path):
+    cfg = TrainConfig(epochs=3, lr=0.2, batch_norm=True, out=str(tmp_path), progress=False)
+    summary = ad.train.run(cfg)
+    assert summary["test_acc"] > 0.9
+    model = load_state(tmp_path / "model.npz")["model"]
+    assert list(model) == ["1.weight", "1.bias", "2.weight", "2.bias", "2.running_mean",
+                           "2.running_var", "2.num_batches_tracked", "4.weight", "4.bias"]
+    assert int(model["2.num_batches_tracked"]) == summary["steps"]
+    assert model["2.running_var"].dtype == np.float32 and np.all(model["2.running_var"] > 0)
+
+
 def _train(args, env, mpiexec=None, ranks=1, timeout=240):
     cmd = [sys.executable, "-m", "distad", "train", "--no-progress", *args]
     if mpiexec is not None:
@@ -89,14 +100,16 @@ def _train(args, env, mpiexec=None, ranks=1, timeout=240):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("ranks,spec", [(1, "none"), (2, "none"), (2, "topk:0.05+ef"),
-                                        (2, "powersgd:2+ef")])
+@pytest.mark.parametrize("ranks,spec,extra", [(1, "none", ()), (2, "none", ()),
+                                              (2, "topk:0.05+ef", ()), (2, "powersgd:2+ef", ()),
+                                              (2, "none", ("--batch-norm",))])
 def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
-        tmp_path, mpiexec, launch_env, ranks, spec):
+        tmp_path, mpiexec, launch_env, ranks, spec, extra):
     """Compressed runs included: error-feedback residuals, PowerSGD's Q and the compressor's
-    random streams are run state, checkpointed per rank."""
+    random streams are run state, checkpointed per rank; so are BatchNorm's running
+    statistics (rank 0's, which every rank uses)."""
     common = ["--epochs", "3", "--batch-size", "16", "--hidden", "32", "--checkpoint-every", "7",
-              "--compress", spec]
+              "--compress", spec, *extra]
     full = _train([*common, "--out", str(tmp_path / "full")], launch_env, mpiexec, ranks)
     assert full.returncode == 0, full.stderr
     ck = str(tmp_path / "ck")

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from distad.autodiff import Tensor, mean, sigmoid, sqrt, tanh
+from distad.autodiff import Tensor, mean, reshape, sigmoid, sqrt, tanh
 from distad.autodiff import relu as _relu
 
 from . import primitives as P
@@ -20,7 +20,8 @@ from .init import Rng, as_generator
 from .primitives import conv_output_size, cross_entropy_p, gelu_p, im2col, linear_p
 
 __all__ = [
-    "avg_pool2d", "conv2d", "cross_entropy", "dropout", "embedding", "gelu", "layer_norm",
+    "avg_pool2d", "batch_norm", "conv2d", "cross_entropy", "dropout", "embedding", "gelu",
+    "layer_norm",
     "linear", "max_pool2d", "mse_loss", "nll_loss", "relu", "sigmoid", "tanh",
 ]
 
@@ -172,6 +173,60 @@ def layer_norm(x: Any, normalized_shape: tuple[int, ...], weight: Any = None, bi
     if bias is not None:
         y = y + bias
     return y
+
+
+def batch_norm(x: Any, running_mean: np.ndarray | None = None,
+               running_var: np.ndarray | None = None, weight: Any = None, bias: Any = None,
+               training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
+               num_batches_tracked: int = 0) -> Tensor:
+    """Batch normalisation of x (N, C, *spatial) per channel, then scale and shift (PyTorch's).
+
+    ``training`` (or no running statistics): normalise with the batch's mean and biased
+    variance over every axis but the channel axis, and update ``running_mean`` and
+    ``running_var`` in place with the batch's mean and unbiased variance:
+    r = (1 - momentum) r + momentum s (``momentum=None``: the cumulative average over
+    ``num_batches_tracked`` batches, this one included). Otherwise normalise with the running
+    statistics, which are constants. The statistics' update is outside the tape: no gradient
+    flows into them.
+    """
+    xs = _shape(x)
+    if len(xs) < 2:
+        raise ValueError(f"batch_norm: input must be (N, C, *spatial), got shape {xs}")
+    c = xs[1]
+    axes = (0,) + tuple(range(2, len(xs)))
+    shape = (1, c) + (1,) * (len(xs) - 2)
+    for name, a in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if a is not None and _shape(a) != (c,):
+            raise ValueError(f"batch_norm: {name} of shape {_shape(a)} does not match the "
+                             f"{c} channels of an input of shape {xs}")
+    if training or running_mean is None or running_var is None:
+        count = int(np.prod(xs)) // c
+        if training and count < 2:
+            raise ValueError(f"batch_norm: expected more than 1 value per channel when "
+                             f"training, got input of shape {xs}")
+        mu = mean(x, axis=axes, keepdims=True)
+        centred = x - mu
+        var = mean(centred * centred, axis=axes, keepdims=True)
+        if training and running_mean is not None and running_var is not None:
+            m = momentum if momentum is not None else 1.0 / max(num_batches_tracked, 1)
+            for r, stat in ((running_mean, _value(mu)),
+                            (running_var, _value(var) * (count / (count - 1)))):
+                r *= 1.0 - m
+                r += (m * stat).reshape(c).astype(r.dtype, copy=False)
+        y = centred / sqrt(var + eps)
+    else:
+        scale = 1.0 / np.sqrt(running_var.reshape(shape) + eps)
+        y = (x - running_mean.reshape(shape)) * scale.astype(running_var.dtype, copy=False)
+    if weight is not None:
+        y = y * reshape(weight, shape)
+    if bias is not None:
+        y = y + reshape(bias, shape)
+    return y
+
+
+def _value(a: Any) -> np.ndarray:
+    return a.data if isinstance(a, Tensor) else np.asarray(a)
 
 
 def embedding(indices: Any, weight: Any) -> Tensor:

@@ -52,7 +52,10 @@ class Module:
     Subclasses call `super().__init__()`, assign Parameters and Modules as
     attributes (they are registered in that order) and define `forward`;
     `module(x)` calls `forward(x)`. `training` is True after construction and
-    switched recursively by `train()` / `eval()` (Dropout reads it).
+    switched recursively by `train()` / `eval()` (Dropout and BatchNorm read it).
+    Buffers (`register_buffer`) are arrays that are state but not parameters, such as
+    BatchNorm's running statistics: no gradient, but saved in `state_dict`, cast by `to`
+    and kept equal across ranks by DataParallel.
     """
 
     training: bool
@@ -60,6 +63,8 @@ class Module:
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_non_persistent", set())
         object.__setattr__(self, "training", True)
 
     # ---- registration --------------------------------------------------------------------
@@ -85,6 +90,11 @@ class Module:
                 raise TypeError(f"cannot assign {type(value).__name__} to submodule {name!r} "
                                 "(expected a Module or None)")
             modules[name] = None
+        elif name in self.__dict__["_buffers"]:
+            if value is not None and not isinstance(value, np.ndarray):
+                raise TypeError(f"cannot assign {type(value).__name__} to buffer {name!r} "
+                                "(expected a numpy array or None)")
+            self.__dict__["_buffers"][name] = value
         else:
             object.__setattr__(self, name, value)
 
@@ -92,6 +102,8 @@ class Module:
         self.__dict__.pop(name, None)
         self.__dict__["_parameters"].pop(name, None)
         self.__dict__["_modules"].pop(name, None)
+        self.__dict__["_buffers"].pop(name, None)
+        self.__dict__["_non_persistent"].discard(name)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails: registered parameters and submodules.
@@ -101,6 +113,8 @@ class Module:
                 return d["_parameters"][name]
             if name in d["_modules"]:
                 return d["_modules"][name]
+            if name in d["_buffers"]:
+                return d["_buffers"][name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __delattr__(self, name: str) -> None:
@@ -108,6 +122,9 @@ class Module:
             del self._parameters[name]
         elif name in self._modules:
             del self._modules[name]
+        elif name in self._buffers:
+            del self._buffers[name]
+            self._non_persistent.discard(name)
         else:
             object.__delattr__(self, name)
 
@@ -118,6 +135,21 @@ class Module:
                             f"got {type(param).__name__}")
         self._forget(name)
         self._parameters[name] = param
+
+    def register_buffer(self, name: str, value: np.ndarray | None,
+                        persistent: bool = True) -> None:
+        """Register the array `value` as a buffer under `name` (None reserves the name).
+
+        A buffer is state without a gradient (BatchNorm's running mean): `module.name` reads
+        and assigns it, `state_dict` saves it unless `persistent=False`.
+        """
+        if value is not None and not isinstance(value, np.ndarray):
+            raise TypeError(f"register_buffer: {name!r} must be a numpy array or None, "
+                            f"got {type(value).__name__}")
+        self._forget(name)
+        self._buffers[name] = value
+        if not persistent:
+            self._non_persistent.add(name)
 
     def add_module(self, name: str, module: Module | None) -> None:
         """Register `module` as a child under `name` (what attribute assignment does)."""
@@ -171,6 +203,20 @@ class Module:
         for _, p in self.named_parameters(recurse=recurse):
             yield p
 
+    def named_buffers(self, prefix: str = "", recurse: bool = True
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+        """(dotted name, array) of every buffer, in registration order."""
+        mods = self.named_modules(prefix) if recurse else iter([(prefix, self)])
+        for mod_prefix, mod in mods:
+            for name, b in mod._buffers.items():
+                if b is not None:
+                    yield (f"{mod_prefix}.{name}" if mod_prefix else name), b
+
+    def buffers(self, recurse: bool = True) -> Iterator[np.ndarray]:
+        """The arrays of `named_buffers()`."""
+        for _, b in self.named_buffers(recurse=recurse):
+            yield b
+
     # ---- modes, gradients, dtype ---------------------------------------------------------
     def train(self, mode: bool = True) -> Module:
         """Set `training` on self and every descendant; returns self."""
@@ -188,7 +234,8 @@ class Module:
             p.grad = None
 
     def to(self, dtype: Any) -> Module:
-        """Cast every parameter (and gradient) to the floating `dtype` in place; returns self."""
+        """Cast every parameter (and gradient) and every floating buffer to the floating
+        `dtype` in place; returns self. Integer buffers (counters) keep their dtype."""
         dtype = np.dtype(dtype)
         if not np.issubdtype(dtype, np.floating):
             raise TypeError(f"Module.to: parameters must stay floating point, got {dtype}")
@@ -196,6 +243,10 @@ class Module:
             p.data = p.data.astype(dtype)
             if p.grad is not None:
                 p.grad = p.grad.astype(dtype)
+        for m in self.modules():
+            for name, b in m._buffers.items():
+                if b is not None and np.issubdtype(b.dtype, np.floating):
+                    m._buffers[name] = b.astype(dtype)
         return self
 
     def float(self) -> Module:
@@ -207,17 +258,21 @@ class Module:
         return self.to(np.float64)
 
     # ---- state ---------------------------------------------------------------------------
-    def _state_items(self, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
-        # PyTorch's traversal: own parameters, then each child's, recursively; no dedup.
+    def _state_items(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        # PyTorch's traversal: own parameters, own persistent buffers, then each child's,
+        # recursively; no dedup. Each item has `.data` (read and assigned) and `.shape`.
         for name, p in self._parameters.items():
             if p is not None:
                 yield prefix + name, p
+        for name, b in self._buffers.items():
+            if b is not None and name not in self._non_persistent:
+                yield prefix + name, _BufferSlot(self, name)
         for name, child in self._modules.items():
             if child is not None:
                 yield from child._state_items(f"{prefix}{name}.")
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """{dotted name: copy of the parameter's array}, in PyTorch's key order.
+        """{dotted name: copy of the parameter's or buffer's array}, in PyTorch's key order.
 
         The arrays are copies, so a later optimizer step does not change a saved
         state (PyTorch shares storage instead).
@@ -226,9 +281,9 @@ class Module:
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True
                         ) -> IncompatibleKeys:
-        """Copy the arrays of `state_dict` into the parameters of the same names.
+        """Copy the arrays of `state_dict` into the parameters and buffers of the same names.
 
-        Values are cast to each parameter's dtype. A shape mismatch always
+        Values are cast to each parameter's (buffer's) dtype. A shape mismatch always
         raises (naming the key and both shapes); missing or unexpected keys
         raise when `strict`, else they are returned as `IncompatibleKeys`.
         Nothing is changed unless every check passes.
@@ -281,6 +336,25 @@ class Module:
             return f"{type(self).__name__}({extra})"
         body = "\n  ".join(([extra] if extra else []) + lines)
         return f"{type(self).__name__}(\n  {body}\n)"
+
+
+class _BufferSlot:
+    """A module's buffer seen as `state_dict` sees a Parameter: `.data` and `.shape`."""
+
+    def __init__(self, module: Module, name: str) -> None:
+        self.module, self.name = module, name
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.module._buffers[self.name]
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self.module._buffers[self.name] = value
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
 
 
 def functional_call(module: Module, params: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:

@@ -13,7 +13,7 @@ from . import functional as F
 from . import init
 from .module import Module, Parameter
 
-__all__ = ["LayerNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm"]
 
 
 class LayerNorm(Module):
@@ -44,3 +44,68 @@ class LayerNorm(Module):
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.weight is not None}")
+
+
+class _BatchNorm(Module):
+    """Batch normalisation over every axis but the channels (axis 1); see `F.batch_norm`.
+
+    weight (ones) and bias (zeros) of shape (C,) when `affine`; buffers `running_mean`
+    (zeros), `running_var` (ones) and `num_batches_tracked` (int64) when
+    `track_running_stats`. Training normalises with the batch's statistics and updates the
+    running ones; eval uses the running ones (without them, always the batch's). Under
+    DataParallel each rank normalises with its own shard's statistics and the buffers are
+    broadcast from rank 0 at every training forward, as in PyTorch's DDP.
+    """
+
+    _dims: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 dtype: Any = np.float32) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+        self.eps, self.momentum = float(eps), momentum
+        self.track_running_stats = bool(track_running_stats)
+        if affine:
+            self.weight = Parameter(init.ones((self.num_features,), dtype))
+            self.bias = Parameter(init.zeros((self.num_features,), dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", np.zeros(self.num_features, dtype))
+            self.register_buffer("running_var", np.ones(self.num_features, dtype))
+            self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    def forward(self, x: Any) -> Tensor:
+        ndim = len(x.shape)
+        if ndim not in self._dims:
+            dims = " or ".join(f"{d}-d" for d in self._dims)
+            raise ValueError(f"{type(self).__name__}: expected a {dims} input, got shape "
+                             f"{tuple(x.shape)}")
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1  # in place: the buffer stays the same array
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=self.training, momentum=self.momentum, eps=self.eps,
+                            num_batches_tracked=int(self.num_batches_tracked)
+                            if self.track_running_stats else 0)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.weight is not None}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of (N, C) or (N, C, L) inputs per channel."""
+
+    _dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of (N, C, H, W) images per channel."""
+
+    _dims = (4,)

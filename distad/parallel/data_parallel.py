@@ -57,9 +57,12 @@ class StepStats:
 class DataParallel(Module):
     """Wrap `module` so that `backward()` averages its gradients over `comm`'s ranks.
 
-    At wrap time the parameters are broadcast from rank 0 and a fingerprint
-    of (name, shape, dtype) is checked on every rank: a mismatch raises the
-    same MismatchError everywhere, before any step. `compressor` is a spec
+    At wrap time the parameters and buffers are broadcast from rank 0 and a
+    fingerprint of (name, shape, dtype) is checked on every rank: a mismatch
+    raises the same MismatchError everywhere, before any step. Buffers
+    (BatchNorm's running statistics) are broadcast from rank 0 again at every
+    forward in training mode (`broadcast_buffers`, PyTorch DDP's default), so
+    every rank normalises with the same running statistics. `compressor` is a spec
     string or object of `distad.compress` (None: exact float allreduce).
     `bucket_mb` caps the fusion buckets; `first_bucket_mb` keeps the first
     one small so communication starts early. `overlap=False` reduces all
@@ -71,7 +74,7 @@ class DataParallel(Module):
     def __init__(self, module: Module, comm: Communicator | None = None,
                  compressor: Any = None, *, bucket_mb: float = 25.0,
                  first_bucket_mb: float = 1.0, overlap: bool = True,
-                 broadcast: bool = True) -> None:
+                 broadcast: bool = True, broadcast_buffers: bool = True) -> None:
         super().__init__()
         self.module = module
         comm = comm if comm is not None else Communicator()
@@ -82,8 +85,12 @@ class DataParallel(Module):
         self._check_fingerprint(module, comm)
         buckets = plan_buckets(params, cap_mb=bucket_mb, first_mb=first_bucket_mb)
         object.__setattr__(self, "buckets", buckets)
+        object.__setattr__(self, "_broadcast_buffers_each_forward",
+                           bool(broadcast_buffers) and comm.size > 1
+                           and any(True for _ in module.buffers()))
         if broadcast and comm.size > 1:
             self._broadcast_parameters()
+            self.broadcast_buffers()
         sync = make_sync(compressor, comm)
         object.__setattr__(self, "sync", sync)
         object.__setattr__(self, "stats", StepStats())
@@ -103,7 +110,8 @@ class DataParallel(Module):
 
     @staticmethod
     def _check_fingerprint(module: Module, comm: Communicator) -> None:
-        fp = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in module.named_parameters())
+        fp = ";".join(f"{n}:{tuple(p.shape)}:{p.dtype}" for n, p in
+                      [*module.named_parameters(), *module.named_buffers()])
         comm.agree(fp, what="model fingerprint (parameter names, shapes, dtypes)")
 
     def _broadcast_parameters(self) -> None:
@@ -115,9 +123,28 @@ class DataParallel(Module):
             for p, view in zip(b.params, b.views):
                 np.copyto(p.data, view)
 
+    def broadcast_buffers(self) -> None:
+        """Rank 0's buffers to every rank, in place: one broadcast per buffer dtype (none
+        without buffers or on one rank). Collective. `distad train` calls it before
+        evaluating, so that every rank evaluates with the same running statistics."""
+        if self.comm.size == 1:
+            return
+        by_dtype: dict[np.dtype, list[np.ndarray]] = {}
+        for _, b in self.module.named_buffers():
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for bufs in by_dtype.values():
+            flat = np.concatenate([b.reshape(-1) for b in bufs])
+            self.comm.bcast(flat, root=0)
+            offset = 0
+            for b in bufs:
+                b[...] = flat[offset : offset + b.size].reshape(b.shape)
+                offset += b.size
+
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._broadcast_buffers_each_forward and self.training:
+            self.broadcast_buffers()
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager

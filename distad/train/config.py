@@ -12,6 +12,7 @@ class TrainConfig:
 
     model: str = "mlp"
     hidden: str = "128"
+    batch_norm: bool = False     # BatchNorm after every hidden layer
     dataset: str = "digits"
     samples: int = 4096          # synthetic data set size
     features: int = 64           # synthetic data set width
@@ -55,6 +56,8 @@ class TrainConfig:
 
 HELP = {
     "model": "mlp or cnn", "hidden": "hidden layer widths of the MLP, e.g. 128 or 512,512",
+    "batch_norm": "BatchNorm after every hidden Linear (mlp) or convolution (cnn); rank 0's "
+    "running statistics are broadcast at every step and used to evaluate (--parallel dp only)",
     "dataset": "digits (bundled, 1,797 8x8 images) or synthetic",
     "samples": "size of the synthetic data set", "features": "width of the synthetic data set",
     "classes": "classes of the synthetic data set", "test_size": "held-out fraction",
@@ -111,4 +114,7 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit("distad train: --resume needs --checkpoint-dir")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
+    if cfg.batch_norm and cfg.parallel != "dp":
+        raise SystemExit(f"distad train: --batch-norm works with --parallel dp only, not "
+                         f"{cfg.parallel}")
     return cfg

@@ -52,20 +52,25 @@ def load_dataset(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
 
 
 def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int) -> ad.nn.Module:
-    """The MLP (hidden widths from --hidden) or the small CNN, initialised from cfg.seed."""
+    """The MLP (hidden widths from --hidden) or the small CNN, initialised from cfg.seed;
+    with --batch-norm, BatchNorm after every hidden layer."""
     rng = np.random.default_rng(cfg.seed)
     nn = ad.nn
+    def norm(kind: type, width: int) -> list[ad.nn.Module]:
+        return [kind(width)] if cfg.batch_norm else []
+
     if cfg.model == "mlp":
         layers, width = [], int(np.prod(in_shape))
         for h in cfg.hidden_sizes:
-            layers += [nn.Linear(width, h, rng=rng), nn.ReLU()]
+            layers += [nn.Linear(width, h, rng=rng), *norm(nn.BatchNorm1d, h), nn.ReLU()]
             width = h
         return nn.Sequential(nn.Flatten(), *layers, nn.Linear(width, n_classes, rng=rng))
     c, side = in_shape[0], in_shape[-1]
     return nn.Sequential(
-        nn.Conv2d(c, 16, 3, padding=1, rng=rng), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, rng=rng), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32 * (side // 2) ** 2, 64, rng=rng), nn.ReLU(),
+        nn.Conv2d(c, 16, 3, padding=1, rng=rng), *norm(nn.BatchNorm2d, 16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, rng=rng), *norm(nn.BatchNorm2d, 32), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * (side // 2) ** 2, 64, rng=rng), *norm(nn.BatchNorm1d, 64), nn.ReLU(),
         nn.Linear(64, n_classes, rng=rng))
 
 
@@ -215,6 +220,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                 if step == kill_at and comm.rank == 0:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0):
+                    dp.broadcast_buffers()  # every rank evaluates with rank 0's statistics
                     test_loss, test_acc = evaluate(model, Xte, yte, comm)
                     metrics.write({"step": step, "epoch": epoch, "test_loss": test_loss,
                                    "test_acc": test_acc,
