@@ -58,6 +58,7 @@ CASES = [
     ("sin", ad.sin, [any_(4)]),
     ("cos", ad.cos, [any_(4)]),
     ("tanh", ad.tanh, [any_(2, 3)]),
+    ("erf", ad.erf, [any_(3, 4) * 1.5]),
     ("sigmoid", ad.sigmoid, [any_(2, 3)]),
     ("relu", ad.relu, [away0(3, 4)]),
     ("maximum", ad.maximum, [any_(3, 4), any_(4)]),
@@ -133,3 +134,18 @@ def test_jvp_keeps_float32(name, fn, inputs):
     out, t = ad.jvp(fn, xs, tuple(np.ones_like(x) for x in xs))
     if name != "cast":
         assert np.asarray(t).dtype == np.float32
+
+
+def test_erf_matches_math_erf_in_float64_and_float32_and_at_the_edges():
+    import math
+
+    x = np.concatenate([np.linspace(-9, 9, 20001), [1e-300, 1e-10, 0.999999, 1.0, 1.000001]])
+    ref = np.array([math.erf(v) for v in x])
+    np.testing.assert_allclose(ad.erf(x), ref, rtol=2e-15, atol=1e-300)
+    x32 = x.astype(np.float32)
+    y32 = ad.erf(x32)
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, [math.erf(float(v)) for v in x32], rtol=0, atol=3e-7)
+    edges = ad.erf(np.array([np.inf, -np.inf, 1e300, -1e300, -0.0, np.nan]))
+    np.testing.assert_array_equal(edges[:5], [1, -1, 1, -1, 0])
+    assert np.signbit(edges[4]) and np.isnan(edges[5])

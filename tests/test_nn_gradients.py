@@ -5,6 +5,8 @@ gradcheck's float64 arrays for the parameters, so the same forward that
 training runs is the one differentiated.
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -122,6 +124,29 @@ def test_gelu_gradients_match_finite_differences():
     assert ad.gradcheck(lambda x: nn.GELU()(x), randn(3, 4) * 2)
 
 
+def test_exact_gelu_gradients_match_finite_differences_and_the_closed_form():
+    x = randn(3, 4) * 2
+    assert ad.gradcheck(lambda a: nn.GELU("none")(a), x)
+    xt = ad.Tensor(x, requires_grad=True)
+    F.gelu(xt, approximate="none").sum().backward()
+    phi = np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    Phi = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x.ravel()]).reshape(x.shape)
+    np.testing.assert_allclose(xt.grad, Phi + x * phi, rtol=1e-13)
+
+
+def test_exact_gelu_is_x_phi_and_keeps_float32_and_higher_derivatives():
+    x = np.linspace(-6, 6, 61)
+    expected = [v * 0.5 * (1 + math.erf(v / math.sqrt(2))) for v in x]
+    np.testing.assert_allclose(F.gelu(x, approximate="none"), expected, rtol=1e-14, atol=1e-300)
+    assert F.gelu(x.astype(np.float32), approximate="none").dtype == np.float32
+    assert np.abs(F.gelu(x, "none") - F.gelu(x)).max() < 5e-4  # the tanh form is close
+    second = ad.grad(lambda a: ad.grad(lambda b: F.gelu(b, "none").sum())(a).sum())
+    pdf = np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    np.testing.assert_allclose(second(x), pdf * (2 - x * x), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="approximate must be 'tanh' or 'none'"):
+        nn.GELU("exact")
+
+
 def test_gelu_is_the_tanh_approximation():
     x = np.linspace(-4, 4, 17)
     expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
@@ -183,6 +208,7 @@ def test_second_order_gradients_through_conv_pool_linear_and_cross_entropy():
 TABLE = [
     ("linear", lambda x, w, b: P.linear_p(x, w, b), [randn(3, 4), randn(2, 4), randn(2)]),
     ("gelu", P.gelu_p, [randn(3, 2)]),
+    ("gelu_erf", P.gelu_erf_p, [randn(3, 2)]),
     ("cross_entropy", lambda z: P.cross_entropy_p(z, labels=np.array([1, 0]), smoothing=0.1,
                                                   reduction="mean"), [randn(2, 3)]),
     ("im2col", lambda x: P.im2col(x, (3, 2), (2, 1), (1, 1)), [randn(2, 2, 5, 4)]),

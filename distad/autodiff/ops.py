@@ -102,6 +102,41 @@ def _sigmoid_fwd(x):
     return (np.tanh(x * 0.5) + 1) * 0.5
 
 
+# erf: the rational approximations of Cephes (S. L. Moshier), as in scipy: x T(x^2) / U(x^2)
+# for |x| < 1, else sign(x) (1 - exp(-x^2) P(|x|) / Q(|x|)) with |x| capped at 8, beyond which
+# erf is +-1 to float64 precision. Evaluated in the input's dtype (float32 stays float32).
+_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+          7.00332514112805075473e3, 5.55923013010394962768e4)
+_ERF_U = (3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+          2.26290000613890934246e4, 4.92673942608635921086e4)
+_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
+_ERFC_Q = (1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+           1.65666309194161350182e3, 5.57535340817727675546e2)
+_TWO_OVER_SQRT_PI = float(2.0 / np.sqrt(np.pi))  # a Python float: weakly typed
+
+
+def _ratio(z, num, den):
+    """num(z) / den(z) by Horner's rule; den has an implied leading coefficient 1."""
+    p, q = num[0], z + den[0]
+    for c in num[1:]:
+        p = p * z + c
+    for c in den[1:]:
+        q = q * z + c
+    return p / q
+
+
+def _erf_fwd(x):
+    x = x if x.dtype.kind == "f" else x.astype(np.float64)
+    inner = np.clip(x, -1, 1)
+    inner = inner * _ratio(inner * inner, _ERF_T, _ERF_U)
+    a = np.minimum(np.abs(x), 8)
+    outer = np.copysign(1 - np.exp(-a * a) * _ratio(a, _ERFC_P, _ERFC_Q), x)
+    return np.where(np.abs(x) < 1, inner, outer)
+
+
 def _clip_mask(x, lo, hi):
     x = _v(x)
     m = np.ones(x.shape, dtype=bool)
@@ -191,6 +226,9 @@ log = Primitive("log", np.log,         vjp=(lambda g, y, x: g / x,),            
 sqrt = Primitive("sqrt", np.sqrt,      vjp=(lambda g, y, x: g * 0.5 / y,),          jvp=(lambda t, y, x: t * 0.5 / y,))
 sin = Primitive("sin", np.sin,         vjp=(lambda g, y, x: g * cos(x),),           jvp=(lambda t, y, x: t * cos(x),))
 cos = Primitive("cos", np.cos,         vjp=(lambda g, y, x: -g * sin(x),),          jvp=(lambda t, y, x: -t * sin(x),))
+erf = Primitive("erf", _erf_fwd,
+    vjp=(lambda g, y, x: g * _TWO_OVER_SQRT_PI * exp(-(x * x)),),
+    jvp=(lambda t, y, x: t * _TWO_OVER_SQRT_PI * exp(-(x * x)),))
 tanh = Primitive("tanh", np.tanh,      vjp=(lambda g, y, x: g * (1 - y * y),),      jvp=(lambda t, y, x: t * (1 - y * y),))
 sigmoid = Primitive("sigmoid", _sigmoid_fwd,
                                        vjp=(lambda g, y, x: g * y * (1 - y),),      jvp=(lambda t, y, x: t * y * (1 - y),))

@@ -17,7 +17,7 @@ from distad.autodiff import relu as _relu
 
 from . import primitives as P
 from .init import Rng, as_generator
-from .primitives import conv_output_size, cross_entropy_p, gelu_p, im2col, linear_p
+from .primitives import conv_output_size, cross_entropy_p, gelu_erf_p, gelu_p, im2col, linear_p
 
 __all__ = [
     "avg_pool2d", "batch_norm", "conv2d", "cross_entropy", "dropout", "embedding", "gelu",
@@ -46,12 +46,16 @@ def relu(x: Any) -> Tensor:
     return _relu(x)
 
 
-def gelu(x: Any) -> Tensor:
-    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), one vertex.
-
-    (PyTorch's `gelu(x, approximate="tanh")`; its default is the erf form.)
+def gelu(x: Any, approximate: str = "tanh") -> Tensor:
+    """GELU as one vertex. ``approximate="tanh"`` (the default here):
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); ``"none"``: the exact x Phi(x) =
+    0.5 x (1 + erf(x / sqrt 2)), PyTorch's default. The two differ by up to 5e-4.
     """
-    return gelu_p(x)
+    if approximate == "tanh":
+        return gelu_p(x)
+    if approximate == "none":
+        return gelu_erf_p(x)
+    raise ValueError(f"gelu: approximate must be 'tanh' or 'none', got {approximate!r}")
 
 
 def dropout(x: Any, p: float = 0.5, training: bool = True, rng: Rng = None) -> Tensor:

@@ -100,10 +100,20 @@ class Sigmoid(Module):
 
 
 class GELU(Module):
-    """GELU with the tanh approximation (PyTorch's `GELU(approximate="tanh")`)."""
+    """GELU, by default with the tanh approximation (PyTorch's `GELU(approximate="tanh")`);
+    `approximate="none"` is the exact erf form, PyTorch's default."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        if approximate not in ("tanh", "none"):
+            raise ValueError(f"GELU: approximate must be 'tanh' or 'none', got {approximate!r}")
+        self.approximate = approximate
 
     def forward(self, x: Any) -> Tensor:
-        return F.gelu(x)
+        return F.gelu(x, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
 
 
 class Dropout(Module):

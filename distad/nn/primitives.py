@@ -20,10 +20,10 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from distad.autodiff import Primitive, Tensor, broadcast_to, scatter_add, softmax, tanh
+from distad.autodiff import Primitive, Tensor, broadcast_to, erf, exp, scatter_add, softmax, tanh
 
 __all__ = [
-    "avg_pool2d", "col2im", "conv_output_size", "cross_entropy_p", "gelu_p", "im2col",
+    "avg_pool2d", "col2im", "conv_output_size", "cross_entropy_p", "gelu_erf_p", "gelu_p", "im2col",
     "linear_p", "max_pool2d",
 ]
 
@@ -63,6 +63,21 @@ def _gelu_slope(x):
     """d gelu / dx, written with distad ops so it is differentiable again."""
     th = tanh(_GELU_C * (x + _GELU_A * x * x * x))
     return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * (_GELU_C * (1.0 + 3 * _GELU_A * x * x))
+
+
+# ---- GELU, exact: x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)) -----------------------------------
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_erf_fwd(x):
+    return 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
+
+
+def _gelu_erf_slope(x):
+    """d gelu / dx = Phi(x) + x phi(x), written with distad ops so it is differentiable again."""
+    return 0.5 * (1.0 + erf(x * _SQRT_HALF)) + x * _INV_SQRT_2PI * exp(-0.5 * x * x)
 
 
 # ---- cross-entropy with integer labels: log-softmax + NLL (+ label smoothing) ------------
@@ -285,6 +300,9 @@ linear_p = Primitive("linear", _linear_fwd,
 gelu_p = Primitive("gelu", _gelu_fwd,
     vjp=(lambda g, y, x: g * _gelu_slope(x),),
     jvp=(lambda t, y, x: t * _gelu_slope(x),))
+gelu_erf_p = Primitive("gelu_erf", _gelu_erf_fwd,
+    vjp=(lambda g, y, x: g * _gelu_erf_slope(x),),
+    jvp=(lambda t, y, x: t * _gelu_erf_slope(x),))
 cross_entropy_p = Primitive("cross_entropy", _ce_fwd, residual=True,
     vjp=(lambda g, y, x, labels, smoothing, reduction, res=None:
          _ce_row_scale(g, len(labels), reduction) * _ce_dlogits(x, labels, smoothing, res),),
