@@ -64,6 +64,48 @@ def test_conv2d_overlapping_stride_1_gradients_match_finite_differences():
                         randn(2, 3, 3, 3), randn(2))
 
 
+def _direct_conv(x, w, b, stride, padding, dilation, groups):
+    """The definition, one output pixel at a time (a test oracle, not a kernel)."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = np.empty((n, o, oh, ow))
+    per = o // groups
+    for f in range(o):
+        chans = slice((f // per) * cg, (f // per + 1) * cg)
+        for r in range(oh):
+            for q in range(ow):
+                rows = slice(r * stride[0], r * stride[0] + dilation[0] * (kh - 1) + 1,
+                             dilation[0])
+                cols = slice(q * stride[1], q * stride[1] + dilation[1] * (kw - 1) + 1,
+                             dilation[1])
+                out[:, f, r, q] = (xp[:, chans, rows, cols] * w[f]).sum(axis=(1, 2, 3)) + b[f]
+    return out
+
+
+@pytest.mark.parametrize("stride, padding, dilation, groups", [
+    ((1, 1), (0, 0), (2, 2), 1), ((2, 1), (2, 1), (2, 3), 1), ((1, 1), (1, 1), (1, 1), 2),
+    ((1, 2), (2, 2), (2, 1), 3), ((1, 1), (1, 1), (1, 1), 6)])
+def test_dilated_and_grouped_conv2d_equals_the_definition_and_its_gradients(
+        stride, padding, dilation, groups):
+    x, w, b = randn(2, 6, 7, 6), randn(6, 6 // groups, 3, 2), randn(6)
+    got = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    np.testing.assert_allclose(got, _direct_conv(x, w, b, stride, padding, dilation, groups),
+                               rtol=1e-12, atol=1e-12)
+    layer = nn.Conv2d(6, 6, (3, 2), stride, padding, dilation, groups, rng=0).double()
+    assert layer.weight.shape == (6, 6 // groups, 3, 2)
+    assert ad.gradcheck(module_fn(layer, ["weight", "bias"]), x[:1, :, :6, :5], w, b)
+
+
+def test_conv2d_groups_must_divide_the_channels():
+    with pytest.raises(ValueError, match="groups=4 must divide in_channels=6"):
+        nn.Conv2d(6, 8, 3, groups=4)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 6, H, W\) for weight"):
+        F.conv2d(randn(1, 4, 5, 5), randn(6, 3, 3, 3), groups=2)
+
+
 def test_conv2d_equals_the_direct_sum_over_the_kernel():
     x, w, b = randn(2, 3, 6, 5), randn(4, 3, 3, 2), randn(4)
     s, p = (2, 1), (1, 1)
@@ -212,6 +254,10 @@ TABLE = [
     ("cross_entropy", lambda z: P.cross_entropy_p(z, labels=np.array([1, 0]), smoothing=0.1,
                                                   reduction="mean"), [randn(2, 3)]),
     ("im2col", lambda x: P.im2col(x, (3, 2), (2, 1), (1, 1)), [randn(2, 2, 5, 4)]),
+    ("im2col-dilated", lambda x: P.im2col(x, (2, 2), (1, 2), (1, 0), (2, 3)),
+     [randn(2, 2, 5, 7)]),
+    ("col2im-dilated", lambda c: P.col2im(c, (1, 2, 5, 7), (2, 2), (1, 2), (1, 0), (2, 3)),
+     [randn(10, 8)]),
     ("col2im", lambda c: P.col2im(c, (2, 2, 5, 4), (3, 2), (2, 1), (1, 1)), [randn(30, 12)]),
     ("max_pool2d", lambda x: P.max_pool2d(x, (3, 3), (2, 2), (1, 1)), [spread(1, 2, 5, 5)]),
     ("avg_pool2d", lambda x: P.avg_pool2d(x, (2, 3), (1, 2), (1, 1)), [randn(1, 2, 4, 5)]),

@@ -21,21 +21,28 @@ __all__ = ["AvgPool2d", "Conv2d", "MaxPool2d"]
 class Conv2d(Module):
     """2-D convolution (cross-correlation): (N, in_channels, H, W) -> (N, out_channels, OH, OW).
 
-    weight (out_channels, in_channels, kh, kw) and bias (out_channels,) are
+    weight (out_channels, in_channels / groups, kh, kw) and bias (out_channels,) are
     initialised as PyTorch does (kaiming_uniform(a=sqrt(5)); bias
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in_channels*kh*kw) from
-    `rng`. OH = (H + 2 padding - kh) // stride + 1. Vectorised with im2col.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in_channels / groups * kh * kw) from
+    `rng`. OH = (H + 2 padding - dilation (kh - 1) - 1) // stride + 1. `groups` splits the
+    channels into independent convolutions (groups = in_channels: depthwise). Vectorised
+    with im2col.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Size2,
-                 stride: Size2 = 1, padding: Size2 = 0, bias: bool = True,
-                 rng: Rng = None, dtype: Any = np.float32) -> None:
+                 stride: Size2 = 1, padding: Size2 = 0, dilation: Size2 = 1, groups: int = 1,
+                 bias: bool = True, rng: Rng = None, dtype: Any = np.float32) -> None:
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.groups = int(groups)
+        if self.groups < 1 or self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"Conv2d: groups={groups} must divide in_channels="
+                             f"{in_channels} and out_channels={out_channels}")
         self.kernel_size = as_pair(kernel_size, "kernel_size")
         self.stride, self.padding = as_pair(stride, "stride"), as_pair(padding, "padding")
+        self.dilation = as_pair(dilation, "dilation")
         gen = init.as_generator(rng)
-        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self.weight = Parameter(init.kaiming_uniform(shape, gen, a=math.sqrt(5), dtype=dtype))
         if bias:
             bound = 1.0 / math.sqrt(init.fan_in_and_fan_out(shape)[0])
@@ -48,13 +55,18 @@ class Conv2d(Module):
         if len(shape) != 4 or shape[1] != self.in_channels:
             raise ValueError(f"{self!r}: expected input of shape (N, {self.in_channels}, H, W), "
                              f"got {shape}")
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}")
         if any(self.padding):
             s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
         return s + ("" if self.bias is not None else ", bias=False")
 
 

@@ -89,31 +89,51 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
     return linear_p(x, weight, bias)
 
 
-def conv2d(x: Any, weight: Any, bias: Any = None, stride: Size2 = 1, padding: Size2 = 0
-           ) -> Tensor:
-    """2-D cross-correlation, NCHW: x (N, C, H, W), weight (O, C, kh, kw), bias (O,).
+def conv2d(x: Any, weight: Any, bias: Any = None, stride: Size2 = 1, padding: Size2 = 0,
+           dilation: Size2 = 1, groups: int = 1) -> Tensor:
+    """2-D cross-correlation, NCHW: x (N, C, H, W), weight (O, C / groups, kh, kw), bias (O,).
 
-    Returns (N, O, OH, OW) with OH = (H + 2 ph - kh) // sh + 1 (and so OW).
-    Computed as im2col (patch matrix) @ weight (as a matrix).T + bias; the
-    backward is a matrix product and col2im. The result is an NCHW view of
-    NHWC memory, which the next convolution reads without a transposing copy.
+    Returns (N, O, OH, OW) with OH = (H + 2 ph - dh (kh - 1) - 1) // sh + 1 (and so OW).
+    ``dilation`` spaces the kernel's taps; ``groups`` splits the channels into that many
+    independent convolutions (C / groups inputs to O / groups outputs each; groups = C is a
+    depthwise convolution). Computed as im2col (patch matrix) @ weight (as a matrix).T + bias,
+    one batched product over the groups; the backward is matrix products and col2im. The
+    result is an NCHW view of NHWC memory, which the next convolution reads without a
+    transposing copy.
     """
     stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
+    dilation = as_pair(dilation, "dilation")
     xs, ws = _shape(x), _shape(weight)
     if len(ws) != 4:
-        raise ValueError(f"conv2d: weight must be (out_channels, in_channels, kh, kw), got {ws}")
-    o, c, kh, kw = ws
+        raise ValueError(f"conv2d: weight must be (out_channels, in_channels / groups, kh, kw), "
+                         f"got {ws}")
+    o, cg, kh, kw = ws
+    g = int(groups)
+    if g < 1 or o % g:
+        raise ValueError(f"conv2d: groups must be >= 1 and divide the {o} output channels, "
+                         f"got groups={groups}")
+    c = cg * g
     if len(xs) != 4 or xs[1] != c:
-        raise ValueError(f"conv2d: expected input of shape (N, {c}, H, W), got {xs}")
+        raise ValueError(f"conv2d: expected input of shape (N, {c}, H, W) for weight {ws} and "
+                         f"groups={g}, got {xs}")
     n, _, h, w = xs
-    oh = conv_output_size(h, kh, stride[0], padding[0])
-    ow = conv_output_size(w, kw, stride[1], padding[1])
-    if oh < 1 or ow < 1 or min(stride) < 1 or min(padding) < 0:
-        raise ValueError(f"conv2d: kernel {(kh, kw)} with stride {stride} and padding {padding} "
-                         f"does not fit an input of spatial size {(h, w)}")
-    cols = im2col(x, (kh, kw), stride, padding)                  # (N*OH*OW, kh*kw*C)
-    w2 = weight.transpose(0, 2, 3, 1).reshape(o, kh * kw * c)    # columns ordered (i, j, c)
-    out = linear_p(cols, w2, bias)                               # (N*OH*OW, O): NHWC memory
+    oh = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    if oh < 1 or ow < 1 or min(stride) < 1 or min(padding) < 0 or min(dilation) < 1:
+        raise ValueError(f"conv2d: kernel {(kh, kw)} with stride {stride}, padding {padding} "
+                         f"and dilation {dilation} does not fit an input of spatial size "
+                         f"{(h, w)}")
+    cols = im2col(x, (kh, kw), stride, padding, dilation)        # (N*OH*OW, kh*kw*C)
+    if g == 1:
+        w2 = weight.transpose(0, 2, 3, 1).reshape(o, kh * kw * c)  # columns ordered (i, j, c)
+        out = linear_p(cols, w2, bias)                             # (N*OH*OW, O): NHWC memory
+    else:  # per group: its C / g columns of every tap, times its O / g filters
+        m = n * oh * ow
+        cols = cols.reshape(m, kh * kw, g, cg).transpose(2, 0, 1, 3).reshape(g, m, kh * kw * cg)
+        w3 = weight.reshape(g, o // g, cg, kh, kw).transpose(0, 3, 4, 2, 1)
+        out = (cols @ w3.reshape(g, kh * kw * cg, o // g)).transpose(1, 0, 2).reshape(m, o)
+        if bias is not None:
+            out = out + bias
     return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)
 
 

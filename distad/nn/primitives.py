@@ -134,17 +134,25 @@ def _ce_row_scale(g, n: int, reduction: str):
 # so every copy moves runs of C contiguous values, and the conv output (a matrix
 # product, NHWC in memory) feeds the next layer without a transposing copy.
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Output length along one axis: floor((size + 2 padding - kernel) / stride) + 1."""
-    return (size + 2 * padding - kernel) // stride + 1
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1
+                     ) -> int:
+    """Output length along one axis: floor((size + 2 padding - dilation (kernel - 1) - 1) /
+    stride) + 1."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _offsets(kernel: Pair, stride: Pair, out_hw: Pair):
+def _extent(kernel: Pair, dilation: Pair) -> Pair:
+    """The input span of a dilated kernel: dilation (kernel - 1) + 1 per axis."""
+    return (dilation[0] * (kernel[0] - 1) + 1, dilation[1] * (kernel[1] - 1) + 1)
+
+
+def _offsets(kernel: Pair, stride: Pair, out_hw: Pair, dilation: Pair = (1, 1)):
     """(i, j, slice of rows, slice of cols) for each kernel offset: the pixels it reads."""
-    (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_hw
+    (kh, kw), (sh, sw), (oh, ow), (dh, dw) = kernel, stride, out_hw, dilation
     for i in range(kh):
         for j in range(kw):
-            yield i, j, slice(i, i + sh * (oh - 1) + 1, sh), slice(j, j + sw * (ow - 1) + 1, sw)
+            r, c = i * dh, j * dw
+            yield i, j, slice(r, r + sh * (oh - 1) + 1, sh), slice(c, c + sw * (ow - 1) + 1, sw)
 
 
 def _out_hw(shape: tuple, kernel: Pair, stride: Pair, padding: Pair) -> Pair:
@@ -159,22 +167,25 @@ def _pad_nchw(x, padding: Pair, value: float = 0.0):
     return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
 
 
-def _im2col_fwd(x, kernel: Pair, stride: Pair, padding: Pair):
-    """(N, C, H, W) -> (N*OH*OW, kh*kw*C): one row per output pixel, columns ordered (i, j, c)."""
-    (ph, pw), (sh, sw) = padding, stride
+def _im2col_fwd(x, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair = (1, 1)):
+    """(N, C, H, W) -> (N*OH*OW, kh*kw*C): one row per output pixel, columns ordered (i, j, c).
+    A dilated kernel reads every dilation-th pixel of its extent."""
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     xh = np.pad(x.transpose(0, 2, 3, 1), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    v = sliding_window_view(xh, kernel, axis=(1, 2))[:, ::sh, ::sw]  # (N, OH, OW, C, kh, kw)
+    v = sliding_window_view(xh, _extent(kernel, dilation), axis=(1, 2))
+    v = v[:, ::sh, ::sw, :, ::dh, ::dw]  # (N, OH, OW, C, kh, kw)
     n, oh, ow, c, kh, kw = v.shape
     return v.transpose(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, kh * kw * c)
 
 
-def _col2im_fwd(cols, shape: tuple, kernel: Pair, stride: Pair, padding: Pair):
+def _col2im_fwd(cols, shape: tuple, kernel: Pair, stride: Pair, padding: Pair,
+                dilation: Pair = (1, 1)):
     """(N*OH*OW, kh*kw*C) -> (N, C, H, W): the transpose of im2col (overlaps accumulate)."""
     n, c, h, w = shape
-    (ph, pw), (oh, ow) = padding, _out_hw(shape, kernel, stride, padding)
+    (ph, pw), (oh, ow) = padding, _out_hw(shape, _extent(kernel, dilation), stride, padding)
     g = cols.reshape(n, oh, ow, kernel[0], kernel[1], c)
     out = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=cols.dtype)
-    for i, j, rows, cols_ in _offsets(kernel, stride, (oh, ow)):
+    for i, j, rows, cols_ in _offsets(kernel, stride, (oh, ow), dilation):
         out[:, rows, cols_, :] += g[:, :, :, i, j, :]
     return out[:, ph:ph + h, pw:pw + w, :].transpose(0, 3, 1, 2)
 
@@ -331,14 +342,16 @@ def _geo(kernel: Pair, stride: Pair, padding: Pair) -> dict:
     return {"kernel": tuple(kernel), "stride": tuple(stride), "padding": tuple(padding)}
 
 
-def im2col(x, kernel: Pair, stride: Pair, padding: Pair = (0, 0)):
+def im2col(x, kernel: Pair, stride: Pair, padding: Pair = (0, 0), dilation: Pair = (1, 1)):
     """NCHW x -> patch matrix (N*OH*OW, kh*kw*C): rows ordered (n, oh, ow), columns (i, j, c)."""
-    return im2col_p(x, **_geo(kernel, stride, padding))
+    return im2col_p(x, **_geo(kernel, stride, padding), dilation=tuple(dilation))
 
 
-def col2im(cols, shape: tuple, kernel: Pair, stride: Pair, padding: Pair = (0, 0)):
+def col2im(cols, shape: tuple, kernel: Pair, stride: Pair, padding: Pair = (0, 0),
+           dilation: Pair = (1, 1)):
     """The transpose of `im2col`: patch matrix -> NCHW `shape`, overlapping patches summed."""
-    return col2im_p(cols, shape=tuple(shape), **_geo(kernel, stride, padding))
+    return col2im_p(cols, shape=tuple(shape), **_geo(kernel, stride, padding),
+                    dilation=tuple(dilation))
 
 
 def max_pool2d(x, kernel: Pair, stride: Pair, padding: Pair = (0, 0)):
