@@ -403,3 +403,15 @@ def test_batch_norm_rejects_bad_shapes_with_the_shapes_in_the_message():
         F.batch_norm(randn(2, 3, 2, 2), np.zeros(4), np.ones(4), training=True)
     with pytest.raises(ValueError, match=r"BatchNorm2d: expected a 4-d input, got shape \(2, 3\)"):
         nn.BatchNorm2d(3)(randn(2, 3))
+
+
+def test_sync_batch_norm_on_one_rank_is_batch_norm_and_its_gradients_match():
+    sync, plain = nn.SyncBatchNorm(3).double(), nn.BatchNorm2d(3).double()
+    x, g, b = randn(4, 3, 2, 2), randn(3), randn(3)
+    for m in (sync, plain):
+        m.weight.data[:], m.bias.data[:] = g, b
+    np.testing.assert_array_equal(sync(x).data, plain(x).data)
+    np.testing.assert_array_equal(sync.running_var, plain.running_var)
+    assert ad.gradcheck(module_fn(sync, ["weight", "bias"]), x, g, b)
+    with pytest.raises(ValueError, match=r"SyncBatchNorm: expected a 2-d or 3-d or 4-d input"):
+        sync(randn(3))

@@ -232,3 +232,34 @@ def test_batch_norm_gradients_are_the_mean_of_each_shards_and_buffers_come_from_
             p.data -= lr * p.grad
     for p in dp.module.parameters():  # parameters stay bit-identical
         np.testing.assert_array_equal(comm.bcast(p.data.copy(), root=0), p.data)
+
+
+def test_sync_batch_norm_under_data_parallel_equals_batch_norm_on_the_global_batch(comm):
+    """SyncBatchNorm's statistics are the global batch's, and its allreduces are
+    differentiable: P ranks on shards compute one process's gradients, outputs and running
+    statistics on the whole batch; every rank holds the same statistics."""
+    def model(norm):
+        return ad.nn.Sequential(ad.nn.Linear(8, 16, rng=0), norm, ad.nn.ReLU(),
+                                ad.nn.Linear(16, 4, rng=1))
+
+    dp = ad.parallel.DataParallel(model(ad.nn.SyncBatchNorm(16, comm=comm)), comm)
+    ref = model(ad.nn.BatchNorm1d(16))
+    lr = 0.1
+    for step in range(3):
+        X, y = global_batch(4 * comm.size, seed=300 + step)
+        dp.zero_grad()
+        ref.zero_grad()
+        out = dp(shard(X, comm))
+        ad.nn.functional.cross_entropy(out, shard(y, comm)).backward()
+        ref_out = ref(X)
+        ad.nn.functional.cross_entropy(ref_out, y).backward()
+        np.testing.assert_allclose(out.data, shard(ref_out.data, comm), rtol=1e-5, atol=1e-6)
+        for p, r in zip(dp.module.parameters(), ref.parameters()):
+            np.testing.assert_allclose(p.grad, r.grad, rtol=2e-4, atol=1e-6)
+        for b, r in zip(dp.module[1].buffers(), ref[1].buffers()):
+            np.testing.assert_allclose(b, r, rtol=1e-5, atol=1e-7)
+        for model_ in (dp.module, ref):
+            for p in model_.parameters():
+                p.data -= lr * p.grad
+    stats = dp.module[1].running_var.copy()
+    np.testing.assert_array_equal(comm.bcast(stats.copy(), root=0), stats)

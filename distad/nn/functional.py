@@ -202,7 +202,7 @@ def layer_norm(x: Any, normalized_shape: tuple[int, ...], weight: Any = None, bi
 def batch_norm(x: Any, running_mean: np.ndarray | None = None,
                running_var: np.ndarray | None = None, weight: Any = None, bias: Any = None,
                training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
-               num_batches_tracked: int = 0) -> Tensor:
+               num_batches_tracked: int = 0, comm: Any = None) -> Tensor:
     """Batch normalisation of x (N, C, *spatial) per channel, then scale and shift (PyTorch's).
 
     ``training`` (or no running statistics): normalise with the batch's mean and biased
@@ -211,7 +211,9 @@ def batch_norm(x: Any, running_mean: np.ndarray | None = None,
     r = (1 - momentum) r + momentum s (``momentum=None``: the cumulative average over
     ``num_batches_tracked`` batches, this one included). Otherwise normalise with the running
     statistics, which are constants. The statistics' update is outside the tape: no gradient
-    flows into them.
+    flows into them. ``comm`` (a Communicator, training only): the batch is every rank's
+    batch together (SyncBatchNorm); the per-channel sums are differentiable allreduces, so
+    each rank's gradient includes what its inputs did to the other ranks' outputs.
     """
     xs = _shape(x)
     if len(xs) < 2:
@@ -226,12 +228,21 @@ def batch_norm(x: Any, running_mean: np.ndarray | None = None,
                              f"{c} channels of an input of shape {xs}")
     if training or running_mean is None or running_var is None:
         count = int(np.prod(xs)) // c
+        total = None
+        if comm is not None and comm.size > 1:
+            from distad.comm.collectives import allreduce  # the nn layer stays MPI-free
+
+            count = int(comm.allreduce(np.array([count], np.int64))[0])
+            total = lambda a: allreduce(a, comm)  # noqa: E731
         if training and count < 2:
             raise ValueError(f"batch_norm: expected more than 1 value per channel when "
-                             f"training, got input of shape {xs}")
-        mu = mean(x, axis=axes, keepdims=True)
+                             f"training, got input of shape {xs}"
+                             + (f" ({count} over all ranks)" if total else ""))
+        s1 = x.sum(axis=axes, keepdims=True)
+        mu = (total(s1) if total else s1) / count
         centred = x - mu
-        var = mean(centred * centred, axis=axes, keepdims=True)
+        s2 = (centred * centred).sum(axis=axes, keepdims=True)
+        var = (total(s2) if total else s2) / count
         if training and running_mean is not None and running_var is not None:
             m = momentum if momentum is not None else 1.0 / max(num_batches_tracked, 1)
             for r, stat in ((running_mean, _value(mu)),
