@@ -83,7 +83,7 @@ def test_one_process_training_learns_digits(tmp_path):
 
 
 def test_one_process_training_with_batch_norm_learns_digits_and_saves_its_statistics(tmp_path):
-    cfg = TrainConfig(epochs=3, lr=0.2, batch_norm=True, out=str(tmp_path), progress=False)
+    cfg = TrainConfig(epochs=3, lr=0.2, norm="batch", out=str(tmp_path), progress=False)
     summary = ad.train.run(cfg)
     assert summary["test_acc"] > 0.9
     model = load_state(tmp_path / "model.npz")["model"]
@@ -102,7 +102,8 @@ def _train(args, env, mpiexec=None, ranks=1, timeout=240):
 
 @pytest.mark.parametrize("ranks,spec,extra", [(1, "none", ()), (2, "none", ()),
                                               (2, "topk:0.05+ef", ()), (2, "powersgd:2+ef", ()),
-                                              (2, "none", ("--batch-norm",))])
+                                              (2, "none", ("--norm", "batch")),
+                                              (2, "none", ("--norm", "sync"))])
 def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
         tmp_path, mpiexec, launch_env, ranks, spec, extra):
     """Compressed runs included: error-feedback residuals, PowerSGD's Q and the compressor's

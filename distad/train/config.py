@@ -12,7 +12,7 @@ class TrainConfig:
 
     model: str = "mlp"
     hidden: str = "128"
-    batch_norm: bool = False     # BatchNorm after every hidden layer
+    norm: str = "none"           # none, batch or sync: BatchNorm after every hidden layer
     dataset: str = "digits"
     samples: int = 4096          # synthetic data set size
     features: int = 64           # synthetic data set width
@@ -56,8 +56,9 @@ class TrainConfig:
 
 HELP = {
     "model": "mlp or cnn", "hidden": "hidden layer widths of the MLP, e.g. 128 or 512,512",
-    "batch_norm": "BatchNorm after every hidden Linear (mlp) or convolution (cnn); rank 0's "
-    "running statistics are broadcast at every step and used to evaluate (--parallel dp only)",
+    "norm": "none, batch or sync: BatchNorm after every hidden Linear (mlp) or convolution "
+    "(cnn); batch normalises each rank's shard alone and uses rank 0's running statistics, "
+    "sync (SyncBatchNorm) the statistics of all ranks' batches together (--parallel dp only)",
     "dataset": "digits (bundled, 1,797 8x8 images) or synthetic",
     "samples": "size of the synthetic data set", "features": "width of the synthetic data set",
     "classes": "classes of the synthetic data set", "test_size": "held-out fraction",
@@ -82,7 +83,8 @@ HELP = {
     "communicate, wait per bucket and rank) to this file",
 }
 
-CHOICES = {"model": ("mlp", "cnn"), "dataset": ("digits", "synthetic"),
+CHOICES = {"model": ("mlp", "cnn"), "norm": ("none", "batch", "sync"),
+           "dataset": ("digits", "synthetic"),
            "optimizer": ("sgd", "adam", "adamw", "lbfgs"), "schedule": ("none", "step", "cosine"),
            "pipeline_schedule": ("gpipe", "1f1b")}
 
@@ -114,7 +116,7 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
         raise SystemExit("distad train: --resume needs --checkpoint-dir")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
-    if cfg.batch_norm and cfg.parallel != "dp":
-        raise SystemExit(f"distad train: --batch-norm works with --parallel dp only, not "
+    if cfg.norm != "none" and cfg.parallel != "dp":
+        raise SystemExit(f"distad train: --norm {cfg.norm} works with --parallel dp only, not "
                          f"{cfg.parallel}")
     return cfg

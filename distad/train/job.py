@@ -51,13 +51,17 @@ def load_dataset(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return ad.data.train_test_split(X, y, test_size=cfg.test_size, seed=cfg.seed)
 
 
-def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int) -> ad.nn.Module:
+def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int,
+                comm: Communicator | None = None) -> ad.nn.Module:
     """The MLP (hidden widths from --hidden) or the small CNN, initialised from cfg.seed;
-    with --batch-norm, BatchNorm after every hidden layer."""
+    with --norm batch or sync, BatchNorm or SyncBatchNorm (over `comm`) after every hidden
+    layer."""
     rng = np.random.default_rng(cfg.seed)
     nn = ad.nn
     def norm(kind: type, width: int) -> list[ad.nn.Module]:
-        return [kind(width)] if cfg.batch_norm else []
+        if cfg.norm == "sync":
+            return [nn.SyncBatchNorm(width, comm=comm)]
+        return [kind(width)] if cfg.norm == "batch" else []
 
     if cfg.model == "mlp":
         layers, width = [], int(np.prod(in_shape))
@@ -141,7 +145,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
         return run_model_parallel(cfg, comm)
     Xtr, Xte, ytr, yte = load_dataset(cfg)
     n_classes = int(max(ytr.max(), yte.max())) + 1
-    model = build_model(cfg, Xtr.shape[1:], n_classes)
+    model = build_model(cfg, Xtr.shape[1:], n_classes, comm)
     dp = DataParallel(model, comm, compressor=cfg.compress, bucket_mb=cfg.bucket_mb,
                       first_bucket_mb=cfg.first_bucket_mb, overlap=cfg.overlap)
     sampler = DistributedSampler(len(Xtr), comm.size, comm.rank, shuffle=True, seed=cfg.seed)
