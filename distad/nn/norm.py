@@ -57,7 +57,8 @@ class _BatchNorm(Module):
     broadcast from rank 0 at every training forward, as in PyTorch's DDP.
     """
 
-    _dims: tuple[int, ...] = ()
+    _dims: tuple[int, ...] = ()  # the input ranks accepted
+    _comm: Any = None  # SyncBatchNorm's communicator: statistics over all its ranks
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -79,8 +80,6 @@ class _BatchNorm(Module):
         else:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 self.register_buffer(name, None)
-
-    _comm: Any = None  # SyncBatchNorm's communicator
 
     def forward(self, x: Any) -> Tensor:
         ndim = len(x.shape)
