@@ -406,7 +406,7 @@ def test_batch_norm_rejects_bad_shapes_with_the_shapes_in_the_message():
 
 
 def test_sync_batch_norm_on_one_rank_is_batch_norm_and_its_gradients_match():
-    sync, plain = nn.SyncBatchNorm(3).double(), nn.BatchNorm2d(3).double()
+    sync, plain = ad.parallel.SyncBatchNorm(3).double(), nn.BatchNorm2d(3).double()
     x, g, b = randn(4, 3, 2, 2), randn(3), randn(3)
     for m in (sync, plain):
         m.weight.data[:], m.bias.data[:] = g, b

@@ -242,7 +242,7 @@ def test_sync_batch_norm_under_data_parallel_equals_batch_norm_on_the_global_bat
         return ad.nn.Sequential(ad.nn.Linear(8, 16, rng=0), norm, ad.nn.ReLU(),
                                 ad.nn.Linear(16, 4, rng=1))
 
-    dp = ad.parallel.DataParallel(model(ad.nn.SyncBatchNorm(16, comm=comm)), comm)
+    dp = ad.parallel.DataParallel(model(ad.parallel.SyncBatchNorm(16, comm=comm)), comm)
     ref = model(ad.nn.BatchNorm1d(16))
     lr = 0.1
     for step in range(3):

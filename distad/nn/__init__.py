@@ -18,12 +18,12 @@ from .conv import AvgPool2d, Conv2d, MaxPool2d
 from .layers import GELU, Dropout, Embedding, Flatten, Identity, Linear, ReLU, Sigmoid, Tanh
 from .losses import CrossEntropyLoss, MSELoss, NLLLoss
 from .module import IncompatibleKeys, Module, Parameter, functional_call
-from .norm import BatchNorm1d, BatchNorm2d, LayerNorm, SyncBatchNorm
+from .norm import BatchNorm1d, BatchNorm2d, LayerNorm
 
 __all__ = [
     "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d", "CrossEntropyLoss", "Dropout",
     "Embedding", "F", "Flatten", "GELU", "Identity", "IncompatibleKeys", "LayerNorm", "Linear",
-    "MSELoss", "MaxPool2d", "Module", "SyncBatchNorm",
+    "MSELoss", "MaxPool2d", "Module",
     "ModuleList", "NLLLoss", "Parameter", "ReLU", "Sequential", "Sigmoid", "Tanh",
     "functional", "functional_call", "init",
 ]

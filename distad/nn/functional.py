@@ -8,6 +8,7 @@ PyTorch: images are NCHW, logits (N, C), integer labels (N,).
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -202,7 +203,8 @@ def layer_norm(x: Any, normalized_shape: tuple[int, ...], weight: Any = None, bi
 def batch_norm(x: Any, running_mean: np.ndarray | None = None,
                running_var: np.ndarray | None = None, weight: Any = None, bias: Any = None,
                training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5,
-               num_batches_tracked: int = 0, comm: Any = None) -> Tensor:
+               num_batches_tracked: int = 0,
+               group_sum: Callable[[Any], Any] | None = None) -> Tensor:
     """Batch normalisation of x (N, C, *spatial) per channel, then scale and shift (PyTorch's).
 
     ``training`` (or no running statistics): normalise with the batch's mean and biased
@@ -211,9 +213,10 @@ def batch_norm(x: Any, running_mean: np.ndarray | None = None,
     r = (1 - momentum) r + momentum s (``momentum=None``: the cumulative average over
     ``num_batches_tracked`` batches, this one included). Otherwise normalise with the running
     statistics, which are constants. The statistics' update is outside the tape: no gradient
-    flows into them. ``comm`` (a Communicator, training only): the batch is every rank's
-    batch together (SyncBatchNorm); the per-channel sums are differentiable allreduces, so
-    each rank's gradient includes what its inputs did to the other ranks' outputs.
+    flows into them. ``group_sum`` (training only): a differentiable sum over a group of
+    processes (``distad.parallel.SyncBatchNorm`` passes an allreduce), applied to the element
+    count and the per-channel sums: the batch is then the group's batches together, and each
+    process's gradient includes what its inputs did to the others' outputs.
     """
     xs = _shape(x)
     if len(xs) < 2:
@@ -228,21 +231,16 @@ def batch_norm(x: Any, running_mean: np.ndarray | None = None,
                              f"{c} channels of an input of shape {xs}")
     if training or running_mean is None or running_var is None:
         count = int(np.prod(xs)) // c
-        total = None
-        if comm is not None and comm.size > 1:
-            from distad.comm.collectives import allreduce  # the nn layer stays MPI-free
-
-            count = int(comm.allreduce(np.array([count], np.int64))[0])
-            total = lambda a: allreduce(a, comm)  # noqa: E731
+        total = group_sum if group_sum is not None else (lambda a: a)
+        if group_sum is not None:
+            count = int(np.asarray(group_sum(np.array([count], np.int64)))[0])
         if training and count < 2:
             raise ValueError(f"batch_norm: expected more than 1 value per channel when "
                              f"training, got input of shape {xs}"
-                             + (f" ({count} over all ranks)" if total else ""))
-        s1 = x.sum(axis=axes, keepdims=True)
-        mu = (total(s1) if total else s1) / count
+                             + (f" ({count} over the group)" if group_sum else ""))
+        mu = total(x.sum(axis=axes, keepdims=True)) / count
         centred = x - mu
-        s2 = (centred * centred).sum(axis=axes, keepdims=True)
-        var = (total(s2) if total else s2) / count
+        var = total((centred * centred).sum(axis=axes, keepdims=True)) / count
         if training and running_mean is not None and running_var is not None:
             m = momentum if momentum is not None else 1.0 / max(num_batches_tracked, 1)
             for r, stat in ((running_mean, _value(mu)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from . import functional as F
 from . import init
 from .module import Module, Parameter
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm", "SyncBatchNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "LayerNorm"]
 
 
 class LayerNorm(Module):
@@ -58,7 +59,9 @@ class _BatchNorm(Module):
     """
 
     _dims: tuple[int, ...] = ()  # the input ranks accepted
-    _comm: Any = None  # SyncBatchNorm's communicator: statistics over all its ranks
+    #: A differentiable sum over a group of processes for the training statistics (None: this
+    #: process's batch alone); distad.parallel.SyncBatchNorm sets an allreduce.
+    _group_sum: Callable[[Any], Any] | None = None
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True,
@@ -93,7 +96,7 @@ class _BatchNorm(Module):
                             training=self.training, momentum=self.momentum, eps=self.eps,
                             num_batches_tracked=int(self.num_batches_tracked)
                             if self.track_running_stats else 0,
-                            comm=self._comm if self.training else None)
+                            group_sum=self._group_sum if self.training else None)
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -112,29 +115,3 @@ class BatchNorm2d(_BatchNorm):
 
     _dims = (4,)
 
-
-class SyncBatchNorm(_BatchNorm):
-    """Batch normalisation whose training statistics are those of every rank's batch together.
-
-    For (N, C), (N, C, L) and (N, C, H, W) inputs. Under DataParallel it computes what one
-    process would on the global batch: the per-channel sums are differentiable allreduces
-    (two in forward, their transposes in backward), so the running statistics are the same on
-    every rank and the gradients are those of the global batch's normalisation. The
-    collectives run on a communicator of its own, split from `comm` (the world by default) at
-    construction, which is collective: every rank builds the same model. Evaluation uses the
-    running statistics and no communication.
-    """
-
-    _dims = (2, 3, 4)
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True,
-                 dtype: Any = np.float32, comm: Any = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
-        from distad.comm import Communicator
-
-        # Its own communicator: backward's allreduces run while DataParallel's communication
-        # thread reduces gradient buckets, and two threads must not interleave collectives
-        # on one communicator.
-        base = comm if comm is not None else Communicator()
-        object.__setattr__(self, "_comm", base.split(0))

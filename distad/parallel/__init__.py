@@ -5,6 +5,7 @@ from .functional import value_and_grad
 from .grid import Grid, grid
 from .pipeline import PipelineParallel, partition_by_parameters, pipeline_schedule
 from .sync import AllreduceMean, GradientSync, make_sync
+from .sync_batch_norm import SyncBatchNorm
 from .tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -14,7 +15,7 @@ from .tensor_parallel import (
 )
 
 __all__ = ["DataParallel", "StepStats", "value_and_grad", "AllreduceMean", "GradientSync",
-           "make_sync"]
+           "make_sync", "SyncBatchNorm"]
 __all__ += ["PipelineParallel", "partition_by_parameters", "pipeline_schedule", "Grid", "grid",
             "ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP", "tensor_parallel",
             "tensor_parallel_state_dict"]

@@ -60,7 +60,7 @@ def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int,
     nn = ad.nn
     def norm(kind: type, width: int) -> list[ad.nn.Module]:
         if cfg.norm == "sync":
-            return [nn.SyncBatchNorm(width, comm=comm)]
+            return [ad.parallel.SyncBatchNorm(width, comm=comm)]
         return [kind(width)] if cfg.norm == "batch" else []
 
     if cfg.model == "mlp":
