@@ -282,6 +282,15 @@ def test_nn_primitive_jvp_is_the_transpose_of_vjp(name, fn, inputs):
     assert float(np.sum(np.asarray(jv) * u)) == pytest.approx(rhs, rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.parametrize("name,fn,inputs", TABLE, ids=[t[0] for t in TABLE])
+def test_nn_primitive_reverse_over_forward_matches_finite_differences(name, fn, inputs):
+    """Reverse mode through each nn primitive's JVP rule: grad of x -> <u, J(x) v>."""
+    vs = tuple(randn(*x.shape) for x in inputs)
+    u = randn(*np.shape(ad.jvp(fn, tuple(inputs), vs)[1]))
+    assert ad.gradcheck(lambda *a: (ad.jvp(fn, a, vs)[1] * u).sum(), *inputs,
+                        atol=1e-5, rtol=1e-4)
+
+
 # ---- float32 stays float32 ---------------------------------------------------------------
 
 LAYERS = [

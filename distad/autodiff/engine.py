@@ -345,14 +345,33 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
 
 
 def _push_tangent(prim: Primitive, args: tuple, datas: list, kw: dict, out: Tensor) -> None:
-    """Forward mode: out's tangent is the sum of each input tangent through its JVP rule."""
+    """Forward mode: out's tangent is the sum of each input tangent through its JVP rule.
+
+    On raw values, unless the step is being recorded for reverse mode (an input requires
+    grad, or a tangent does): then the rule runs on the Tensors themselves and the tangent
+    is a recorded Tensor, so reverse mode can differentiate it (reverse-over-forward). The
+    rule's own operations push no tangents of their own.
+    """
+    traced = out.requires_grad or any(
+        isinstance(a, Tensor) and isinstance(a._tangent, Tensor) and a._tangent.requires_grad
+        for a in args)
+    if traced:
+        y, ins = out, args
+        STATE.forward_active, live = 0, STATE.forward_active
+    else:
+        y, ins = out.data, datas
     t_out = None
-    for i, a in enumerate(args):
-        if isinstance(a, Tensor) and a._tangent is not None:
-            if not prim.jvp:
-                raise NotImplementedError(f"forward mode: primitive '{prim.name}' has no JVP rule")
-            t = prim.jvp[i](a._tangent, out.data, *datas, **kw)
-            t_out = t if t_out is None else t_out + t
+    try:
+        for i, a in enumerate(args):
+            if isinstance(a, Tensor) and a._tangent is not None:
+                if not prim.jvp:
+                    raise NotImplementedError(
+                        f"forward mode: primitive '{prim.name}' has no JVP rule")
+                t = prim.jvp[i](a._tangent, y, *ins, **kw)
+                t_out = t if t_out is None else t_out + t
+    finally:
+        if traced:
+            STATE.forward_active = live
     out._tangent = t_out
 
 

@@ -228,7 +228,8 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence):
         for pv, tv in zip(pl, tl):
             if isinstance(pv, Tensor) and pv._tangent is not None:
                 raise NotImplementedError("jvp: nested forward mode (jvp of jvp) is not supported; "
-                                          "use forward-over-reverse (hvp) or reverse-over-reverse")
+                                          "use forward-over-reverse (hvp), reverse-over-forward "
+                                          "or reverse-over-reverse")
             base = pv if _is_traced(pv) else Tensor(pv.data if isinstance(pv, Tensor) else
                                                      np.asarray(pv))
             w = apply(identity_p, (base,), {}) if _is_traced(pv) else base
@@ -253,7 +254,9 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence):
         if isinstance(o, Tensor):
             t = o._tangent if o._tangent is not None else np.zeros_like(o.data)
             outs.append(_out(o, nested))
-            touts.append(t)
+            if nested and not isinstance(t, Tensor):  # independent of the traced inputs
+                t = Tensor(t)
+            touts.append(_out(t, nested))  # a recorded Tensor when traced: reverse-over-forward
         else:
             outs.append(o)
             touts.append(np.zeros_like(np.asarray(o)))
