@@ -162,6 +162,20 @@ def test_checkpointed_and_plain_gradients_are_identical():
         np.testing.assert_array_equal(a, b)
 
 
+def test_forward_mode_and_hvp_go_through_a_checkpointed_segment():
+    """Under forward mode the segment runs as is: jvp and hvp (forward over reverse) through
+    checkpoint equal the plain function's, and the closed form."""
+    w = rng.standard_normal((3, 3))
+    f = lambda h: ad.tanh(h @ w) * h  # noqa: E731
+    x, v = rng.standard_normal((2, 3)), rng.standard_normal((2, 3))
+    for a, b in zip(ad.jvp(ad.checkpoint(f), (x,), (v,)), ad.jvp(f, (x,), (v,))):
+        np.testing.assert_array_equal(a, b)
+    g = lambda h: (ad.checkpoint(lambda z: ad.sin(z) * z ** 3)(h)).sum()  # noqa: E731
+    xs = np.array([0.7, 1.3])
+    exact = -np.sin(xs) * xs ** 3 + 6 * xs ** 2 * np.cos(xs) + 6 * xs * np.sin(xs)
+    np.testing.assert_allclose(ad.hvp(g, (xs,), (np.ones(2),))[0], exact, rtol=1e-12)
+
+
 def test_checkpoint_keeps_only_its_inputs():
     w = ad.tensor(np.ones((4, 4), np.float32), requires_grad=True)
     x = ad.tensor(np.ones((2, 4), np.float32))

@@ -55,10 +55,14 @@ def checkpoint(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     fn takes Tensors/arrays and returns one Tensor; parameters it closes over
     receive gradients during the recomputation. Memory drops from the
     segment's activations to its inputs, for one extra forward of the segment.
-    Randomness inside fn must be reproducible on the second call.
+    Randomness inside fn must be reproducible on the second call. Under forward mode (jvp,
+    and hvp's forward over reverse) fn runs as it is, its tangents pushed op by op: nothing is
+    recomputed and nothing saved.
     """
 
     def wrapped(*args: Any) -> Tensor:
+        if STATE.forward_active:
+            return fn(*args)
         with no_grad():
             out = fn(*args)
         if not STATE.grad_enabled:
