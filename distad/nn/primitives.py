@@ -43,7 +43,7 @@ _SKINNY_ROWS, _WIDE_OUT = 64, 256
 
 
 def _linear_fwd(x, w, b):
-    m = x.size // x.shape[-1] if x.ndim else 0
+    m = x.size // x.shape[-1] if x.ndim and x.shape[-1] else 0
     if 0 < m <= _SKINNY_ROWS and w.shape[0] >= _WIDE_OUT:
         rows = x.reshape(m, x.shape[-1])
         y = np.ascontiguousarray((w @ rows.T).T).reshape(*x.shape[:-1], w.shape[0])

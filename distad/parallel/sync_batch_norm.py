@@ -34,4 +34,5 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
         own = (comm if comm is not None else Communicator()).split(0)
         object.__setattr__(self, "comm", own)
-        object.__setattr__(self, "_group_sum", lambda a: allreduce(a, own))
+        if own.size > 1:  # on one rank the batch's own statistics are the group's
+            object.__setattr__(self, "_group_sum", lambda a: allreduce(a, own))
