@@ -47,6 +47,19 @@ def test_linear_on_batched_3d_input_gradients_match_finite_differences():
                         randn(2))
 
 
+@pytest.mark.parametrize("shape", [(5, 20), (2, 3, 20), (20,), (70, 20)])
+def test_linear_with_a_wide_weight_and_few_rows_equals_the_formula(shape):
+    """Few rows against >= 256 outputs take the W @ x.T path (faster in OpenBLAS); 70 rows
+    the x @ W.T one: both are x W^T + b, with gradients to match."""
+    layer = nn.Linear(20, 300, rng=0).double()
+    x = randn(*shape)
+    expect = x @ layer.weight.data.T + layer.bias.data
+    np.testing.assert_allclose(layer(x).data, expect, rtol=1e-12, atol=1e-12)
+    assert layer(x).data.flags.c_contiguous
+    assert ad.gradcheck(module_fn(layer, ["weight", "bias"]), x[..., :20], randn(300, 20),
+                        randn(300))
+
+
 def test_linear_without_bias_gradients_match_finite_differences():
     layer = nn.Linear(3, 2, bias=False, rng=0)
     assert ad.gradcheck(module_fn(layer, ["weight"]), randn(4, 3), randn(2, 3))
