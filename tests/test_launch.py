@@ -213,6 +213,20 @@ def test_summary_drops_warmup_and_splits_the_step():
     assert p.test_acc == 0.5
 
 
+def test_model_fit_counts_multi_rank_points_within_the_tolerance_and_names_the_worst():
+    def point(link, p, err):
+        q = scaling.Point("weak", link, "none", p, 32, 10)
+        q.pred_error = err
+        return q
+
+    pts = [point("shm", 1, 0.50), point("shm", 2, -0.10), point("1gbit", 4, 0.16),
+           point("1gbit", 2, 0.02), point("shm", 4, float("nan"))]
+    line = scaling.model_fit(pts)
+    assert line.startswith("model: 2 of 3 multi-rank points within 15%")
+    assert "mean |error| 9.3%" in line and "worst 1gbit none P=4 +16.0%" in line
+    assert scaling.model_fit(pts[:1]) == "model: no multi-rank point to compare"
+
+
 def test_predictions_cover_the_requested_ranks_and_rates():
     cal = {"forward_s": 0.01, "backward_s": 0.02, "update_s": 0.002, "batch": 32,
            "bucket_elems": [1000, 100000], "compressors": {}}

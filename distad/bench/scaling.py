@@ -660,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         _time_to_target(points, args.target, args.accuracy_window)
     _write(out, points, args, header, nets, cals, cores)
     print("\n" + format_table(points, with_accuracy=bool(args.epochs)))
+    print("\n" + model_fit(points))
     print(f"\nwrote {out}/scaling.csv, scaling.json, predictions.csv, calibration.json")
     return 0
 
@@ -700,6 +701,20 @@ def _time_to_target(points: list[Point], target: float | None, window: int = 1) 
             p.time_to_target_s = time_to_accuracy(steps, tests, tgt, window)
             p.extra["target_acc"] = tgt
             p.extra["accuracy_window"] = window
+
+
+def model_fit(points: Sequence[Point], tolerance: float = 0.15) -> str:
+    """One line: how many multi-rank points the model predicts within `tolerance`, the mean
+    absolute error, and the worst point (the check docs/scaling.md reports per sweep)."""
+    scored = [p for p in points if p.ranks > 1 and math.isfinite(p.pred_error)]
+    if not scored:
+        return "model: no multi-rank point to compare"
+    worst = max(scored, key=lambda p: abs(p.pred_error))
+    within = sum(abs(p.pred_error) <= tolerance for p in scored)
+    mean = sum(abs(p.pred_error) for p in scored) / len(scored)
+    return (f"model: {within} of {len(scored)} multi-rank points within {tolerance:.0%}, "
+            f"mean |error| {mean:.1%}, worst {worst.link} {worst.compress} P={worst.ranks} "
+            f"{worst.pred_error:+.1%}")
 
 
 def format_table(points: Sequence[Point], with_accuracy: bool = False) -> str:
