@@ -243,8 +243,8 @@ def batch_norm(x: Any, running_mean: np.ndarray | None = None,
         var = total((centred * centred).sum(axis=axes, keepdims=True)) / count
         if training and running_mean is not None and running_var is not None:
             m = momentum if momentum is not None else 1.0 / max(num_batches_tracked, 1)
-            for r, stat in ((running_mean, _value(mu)),
-                            (running_var, _value(var) * (count / (count - 1)))):
+            for r, stat in ((running_mean, P._v(mu)),
+                            (running_var, P._v(var) * (count / (count - 1)))):
                 r *= 1.0 - m
                 r += (m * stat).reshape(c).astype(r.dtype, copy=False)
         y = centred / sqrt(var + eps)
@@ -256,10 +256,6 @@ def batch_norm(x: Any, running_mean: np.ndarray | None = None,
     if bias is not None:
         y = y + reshape(bias, shape)
     return y
-
-
-def _value(a: Any) -> np.ndarray:
-    return a.data if isinstance(a, Tensor) else np.asarray(a)
 
 
 def embedding(indices: Any, weight: Any) -> Tensor:
