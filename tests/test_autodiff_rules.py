@@ -130,6 +130,29 @@ def test_reverse_over_forward_matches_finite_differences(name, fn, inputs):
 
 
 @pytest.mark.parametrize("name,fn,inputs", CASES, ids=IDS)
+def test_forward_over_forward_matches_reverse_over_forward(name, fn, inputs):
+    """The derivative of x -> <u, J(x) v> along w, by jvp of jvp (every JVP rule runs on
+    Tensors that carry the outer tangent), against its gradient by reverse over forward and
+    against central differences of the inner jvp."""
+    xs = tuple(x.astype(np.float64) for x in inputs)
+    vs = tuple(rng.standard_normal(x.shape) for x in xs)
+    ws = tuple(rng.standard_normal(x.shape) for x in xs)
+    u = rng.standard_normal(np.shape(ad.jvp(fn, xs, vs)[1]))
+
+    def directional(*a):
+        return (ad.jvp(fn, a, vs)[1] * u).sum()
+
+    nested = float(ad.jvp(directional, xs, ws)[1])
+    grads = ad.grad(directional, argnums=tuple(range(len(xs))))(*xs)
+    assert nested == pytest.approx(sum(float((w * g).sum()) for w, g in zip(ws, grads)),
+                                   rel=1e-9, abs=1e-9)
+    h = 1e-6
+    fd = (float(directional(*(x + h * w for x, w in zip(xs, ws))))
+          - float(directional(*(x - h * w for x, w in zip(xs, ws))))) / (2 * h)
+    assert nested == pytest.approx(fd, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name,fn,inputs", CASES, ids=IDS)
 def test_every_rule_keeps_float32(name, fn, inputs):
     xs = [ad.tensor(x.astype(np.float32), requires_grad=True) for x in inputs]
     out = fn(*xs)

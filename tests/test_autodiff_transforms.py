@@ -135,6 +135,55 @@ def test_inner_grad_closing_over_an_outer_variable_stays_differentiable():
     assert float(outer(2.0)) == pytest.approx(6.0)
 
 
+def derivative(f):
+    """f' by forward mode, for a scalar function of one variable."""
+    return lambda x: ad.jvp(f, (x,), (np.ones_like(np.asarray(x, dtype=np.float64)),))[1]
+
+
+def test_jvp_of_jvp_keeps_the_levels_apart():
+    """Siskind and Pearlmutter's perturbation-confusion example: d/dx [x * d/dy (x + y)] = 1
+    at x = 1. An engine that mixes the two calls' tangents gives 2."""
+    inner = lambda x: x * derivative(lambda y: x + y)(np.array(1.0))
+    assert float(derivative(inner)(np.array(1.0))) == 1.0
+
+
+def test_jvp_of_jvp_of_jvp_matches_closed_form():
+    f = lambda x: ad.sin(x) * x ** 3
+    x = np.array(0.9)
+    expected = 6 * np.sin(x) + 18 * x * np.cos(x) - 9 * x ** 2 * np.sin(x) - x ** 3 * np.cos(x)
+    d2 = 6 * x * np.sin(x) + 6 * x ** 2 * np.cos(x) - x ** 3 * np.sin(x)
+    assert float(derivative(derivative(f))(x)) == pytest.approx(d2, rel=1e-12)
+    assert float(derivative(derivative(derivative(f)))(x)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_jvp_of_jvp_is_the_hessian_between_two_directions():
+    w1, w2 = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    x, y = rng.standard_normal((5, 3)), rng.standard_normal((5, 2))
+    u, v = rng.standard_normal(w1.shape), rng.standard_normal(w1.shape)
+    loss = lambda w: mlp_loss(w, w2, x, y)
+    second = ad.jvp(lambda w: ad.jvp(loss, (w,), (v,))[1], (w1,), (u,))[1]
+    H = ad.hessian(lambda w: loss(w.reshape(w1.shape)))(w1.ravel())
+    assert float(second) == pytest.approx(u.ravel() @ H @ v.ravel(), rel=1e-10)
+    # and forward over forward agrees with forward over reverse (hvp)
+    (hv,) = ad.hvp(loss, (w1,), (v,))
+    assert float(second) == pytest.approx(float((u * hv).sum()), rel=1e-10)
+
+
+def test_inner_tangent_that_depends_on_the_outer_primal():
+    """d/dx [f'(x) x] = f''(x) x + f'(x): the inner call's tangent is the outer variable."""
+    x = np.array(0.7)
+    g = lambda x: ad.jvp(ad.sin, (x,), (x,))[1]  # cos(x) x
+    assert float(derivative(g)(x)) == pytest.approx(-np.sin(x) * x + np.cos(x), rel=1e-12)
+
+
+def test_reverse_over_forward_over_forward_matches_closed_form():
+    """grad of x -> f''(x) by nested jvp, for f = x^5: 60 x^2."""
+    f = lambda x: x ** 5
+    x = 1.3
+    d3 = ad.grad(lambda x: derivative(derivative(f))(x))(x)
+    assert float(d3) == pytest.approx(60 * x ** 2, rel=1e-12)
+
+
 def test_backward_create_graph_gives_a_differentiable_gradient():
     x = ad.tensor(np.array([0.5, 1.5]), requires_grad=True)
     (g,) = ad.backprop((x ** 3).sum(), inputs=[x], create_graph=True)

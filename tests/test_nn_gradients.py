@@ -304,6 +304,23 @@ def test_nn_primitive_reverse_over_forward_matches_finite_differences(name, fn, 
                         atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name,fn,inputs", TABLE, ids=[t[0] for t in TABLE])
+def test_nn_primitive_forward_over_forward_matches_reverse_over_forward(name, fn, inputs):
+    """jvp of jvp through each nn primitive's JVP rule: the derivative of x -> <u, J(x) v>
+    along w equals <w, its gradient by reverse over forward>."""
+    vs = tuple(randn(*x.shape) for x in inputs)
+    ws = tuple(randn(*x.shape) for x in inputs)
+    u = randn(*np.shape(ad.jvp(fn, tuple(inputs), vs)[1]))
+
+    def directional(*a):
+        return (ad.jvp(fn, a, vs)[1] * u).sum()
+
+    nested = float(ad.jvp(directional, tuple(inputs), ws)[1])
+    grads = ad.grad(directional, argnums=tuple(range(len(inputs))))(*inputs)
+    assert nested == pytest.approx(sum(float((w * g).sum()) for w, g in zip(ws, grads)),
+                                   rel=1e-9, abs=1e-9)
+
+
 # ---- float32 stays float32 ---------------------------------------------------------------
 
 LAYERS = [

@@ -40,11 +40,15 @@ __all__ = [
 class _State:
     """Process-wide switches read on every op; attributes, not globals, so reads are cheap."""
 
-    __slots__ = ("grad_enabled", "forward_active", "anomaly", "backward_depth", "callbacks")
+    __slots__ = ("grad_enabled", "forward_active", "forward_levels", "anomaly",
+                 "backward_depth", "callbacks")
 
     def __init__(self) -> None:
         self.grad_enabled = True
-        self.forward_active = 0  # number of live forward-mode (jvp) traces
+        # Forward mode: the ids of the jvp traces, outermost first, and how many of them are
+        # live (all of them, except while a JVP rule of level k runs: then the first k).
+        self.forward_levels: tuple[int, ...] = ()
+        self.forward_active = 0
         self.anomaly = False
         self.backward_depth = 0  # nested walks (checkpoint recomputation) run inside another
         self.callbacks: list[Callable[[], None]] = []
@@ -184,7 +188,8 @@ class Tensor:
     `data` is the numpy array; `grad` receives the accumulated gradient of a
     leaf after `backward()` (a numpy array of the same shape and dtype).
     Operators follow numpy broadcasting; comparisons give non-differentiable
-    boolean Tensors.
+    boolean Tensors. Under forward mode, `_tangent` maps the id of each jvp
+    trace the value depends on to its tangent there (None: no tangent).
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_prim", "_inputs", "_vals", "_kw", "_edges",
@@ -345,34 +350,67 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
 
 
 def _push_tangent(prim: Primitive, args: tuple, datas: list, kw: dict, out: Tensor) -> None:
-    """Forward mode: out's tangent is the sum of each input tangent through its JVP rule.
+    """Forward mode: at each live level, outermost first, out's tangent is the sum of each
+    input's tangent through its JVP rule.
 
-    On raw values, unless the step is being recorded for reverse mode (an input requires
-    grad, or a tangent does): then the rule runs on the Tensors themselves and the tangent
-    is a recorded Tensor, so reverse mode can differentiate it (reverse-over-forward). The
-    rule's own operations push no tangents of their own.
+    The rule runs on raw values unless its own arithmetic has to be differentiated: when the
+    step is recorded for reverse mode (reverse-over-forward), or when a level outside this one
+    reaches the step through its values or tangents (jvp of jvp). Then it runs on the Tensors
+    with only the outer levels live, so its operations push their tangents and not this
+    level's (no perturbation confusion), and the tangent is a Tensor that carries them.
     """
-    traced = out.requires_grad or any(
-        isinstance(a, Tensor) and isinstance(a._tangent, Tensor) and a._tangent.requires_grad
-        for a in args)
-    if traced:
-        y, ins = out, args
-        STATE.forward_active, live = 0, STATE.forward_active
-    else:
-        y, ins = out.data, datas
-    t_out = None
-    try:
+    levels, live = STATE.forward_levels, STATE.forward_active
+    for k in range(live):
+        level = levels[k]
+        terms = []
         for i, a in enumerate(args):
             if isinstance(a, Tensor) and a._tangent is not None:
-                if not prim.jvp:
-                    raise NotImplementedError(
-                        f"forward mode: primitive '{prim.name}' has no JVP rule")
-                t = prim.jvp[i](a._tangent, y, *ins, **kw)
-                t_out = t if t_out is None else t_out + t
-    finally:
+                t = a._tangent.get(level)
+                if t is not None:
+                    terms.append((i, t))
+        if not terms:
+            continue
+        if not prim.jvp:
+            raise NotImplementedError(f"forward mode: primitive '{prim.name}' has no JVP rule")
+        traced = out.requires_grad
+        if not traced:
+            outer = levels[:k]
+            for _, t in terms:
+                if isinstance(t, Tensor) and (t.requires_grad or _has_level(t, outer)):
+                    traced = True
+                    break
+            else:
+                traced = k > 0 and any(_has_level(a, outer) for a in args)
+        t_out = None
         if traced:
-            STATE.forward_active = live
-    out._tangent = t_out
+            STATE.forward_active = k
+            try:
+                for i, t in terms:
+                    r = prim.jvp[i](t, out, *args, **kw)
+                    t_out = r if t_out is None else t_out + r
+            finally:
+                STATE.forward_active = live
+        else:
+            for i, t in terms:
+                if isinstance(t, Tensor):
+                    t = t.data
+                r = prim.jvp[i](t, out.data, *datas, **kw)
+                t_out = r if t_out is None else t_out + r
+        if out._tangent is None:
+            out._tangent = {level: t_out}
+        else:
+            out._tangent[level] = t_out
+
+
+def _has_level(x: Any, levels: tuple[int, ...]) -> bool:
+    """Whether x is a Tensor with a tangent at one of `levels`."""
+    t = x._tangent if isinstance(x, Tensor) else None
+    return bool(t) and any(level in t for level in levels)
+
+
+def live_tangent(x: Any) -> bool:
+    """Whether x is a Tensor with a tangent at a live forward-mode level."""
+    return _has_level(x, STATE.forward_levels[: STATE.forward_active])
 
 
 def _check_forward(prim: Primitive, out: Tensor) -> None:

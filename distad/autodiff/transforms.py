@@ -9,12 +9,13 @@ forward-over-reverse `hvp` work.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from .engine import STATE, Primitive, Tensor, apply, backprop
+from .engine import STATE, Primitive, Tensor, apply, backprop, live_tangent
 
 __all__ = ["grad", "value_and_grad", "vjp", "jvp", "hvp", "jacobian", "hessian"]
 
@@ -61,7 +62,8 @@ def tree_unflatten(treedef: Any, leaves: Sequence) -> Any:
 # ---- helpers ---------------------------------------------------------------------------
 
 def _is_traced(x: Any) -> bool:
-    return isinstance(x, Tensor) and (x.requires_grad or x._tangent is not None)
+    """Whether x belongs to an outer transform: recorded for reverse mode, or a live tangent."""
+    return isinstance(x, Tensor) and (x.requires_grad or live_tangent(x))
 
 
 def _watch(x: Any, op: str) -> Tensor:
@@ -208,16 +210,25 @@ def vjp(f: Callable, *primals: Any):
 
 # ---- forward mode ----------------------------------------------------------------------
 
+#: Ids of jvp traces: every call gets its own, so a tangent never leaks into another call.
+_levels = itertools.count(1)
+
+
 def jvp(f: Callable, primals: Sequence, tangents: Sequence):
     """`(out, tangent_out)`: f's output and its directional derivative along `tangents`.
 
     primals and tangents are tuples of the same structure (pytrees of arrays);
     each primitive's JVP rule pushes the tangent forward along with the value.
     Cost: one forward pass per tangent direction (cheap for tall Jacobians).
+    Nests with itself and with the reverse-mode transforms: jvp of jvp gives
+    second directional derivatives, each call's tangents kept apart (a level
+    per call, as JAX's traces), so an inner derivative never sees the outer
+    perturbation as its own.
     """
     primals, tangents = tuple(primals), tuple(tangents)
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
+    level = next(_levels)
     args = []
     for p, t in zip(primals, tangents):
         pl, d = tree_flatten(p)
@@ -226,33 +237,34 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence):
             raise ValueError("jvp: primals and tangents have different structures")
         ws = []
         for pv, tv in zip(pl, tl):
-            if isinstance(pv, Tensor) and pv._tangent is not None:
-                raise NotImplementedError("jvp: nested forward mode (jvp of jvp) is not supported; "
-                                          "use forward-over-reverse (hvp), reverse-over-forward "
-                                          "or reverse-over-reverse")
-            base = pv if _is_traced(pv) else Tensor(pv.data if isinstance(pv, Tensor) else
-                                                     np.asarray(pv))
-            w = apply(identity_p, (base,), {}) if _is_traced(pv) else base
-            tv = np.asarray(tv.data if isinstance(tv, Tensor) else tv)
+            # A traced primal gets a fresh vertex, which carries the outer tangents.
+            w = apply(identity_p, (pv,), {}) if _is_traced(pv) else \
+                Tensor(pv.data if isinstance(pv, Tensor) else np.asarray(pv))
+            if not _is_traced(tv):  # a tangent that depends on an outer trace stays a Tensor
+                tv = np.asarray(tv.data if isinstance(tv, Tensor) else tv).astype(w.dtype,
+                                                                                 copy=False)
             if tv.shape != w.shape:
                 raise ValueError(f"jvp: tangent shape {tv.shape} does not match primal shape "
                                  f"{w.shape}")
-            w._tangent = tv.astype(w.dtype, copy=False)
+            w._tangent = {**(w._tangent or {}), level: tv}
             ws.append(w)
         args.append(tree_unflatten(d, ws))
     nested = _Trace.depth > 0 or any(_is_traced(v) for p in primals for v in tree_flatten(p)[0])
-    STATE.forward_active += 1
+    prev_levels, prev_live = STATE.forward_levels, STATE.forward_active
+    STATE.forward_levels = (*prev_levels[:prev_live], level)
+    STATE.forward_active = prev_live + 1
     _Trace.depth += 1
     try:
         out = f(*args)
     finally:
         _Trace.depth -= 1
-        STATE.forward_active -= 1
+        STATE.forward_levels, STATE.forward_active = prev_levels, prev_live
     leaves, d = tree_flatten(out)
     outs, touts = [], []
     for o in leaves:
         if isinstance(o, Tensor):
-            t = o._tangent if o._tangent is not None else np.zeros_like(o.data)
+            t = o._tangent.get(level) if o._tangent else None
+            t = np.zeros_like(o.data) if t is None else t
             outs.append(_out(o, nested))
             if nested and not isinstance(t, Tensor):  # independent of the traced inputs
                 t = Tensor(t)
