@@ -41,7 +41,7 @@ class _State:
     """Process-wide switches read on every op; attributes, not globals, so reads are cheap."""
 
     __slots__ = ("grad_enabled", "forward_active", "forward_levels", "anomaly",
-                 "backward_depth", "callbacks")
+                 "backward_depth", "callbacks", "capture")
 
     def __init__(self) -> None:
         self.grad_enabled = True
@@ -52,6 +52,9 @@ class _State:
         self.anomaly = False
         self.backward_depth = 0  # nested walks (checkpoint recomputation) run inside another
         self.callbacks: list[Callable[[], None]] = []
+        # While a checkpointed segment runs unrecorded: the tensors it reads that need a
+        # gradient (so, created outside it), by id.
+        self.capture: dict[int, Tensor] | None = None
 
 
 STATE = _State()
@@ -321,6 +324,8 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
                         edges.append((i, a))
             else:
                 datas.append(a)
+    if not record and STATE.capture is not None:
+        _capture(args)
     try:
         y = prim.fwd(*datas, **kw) if kw else prim.fwd(*datas)
     except (ValueError, IndexError, TypeError) as e:
@@ -347,6 +352,13 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
     if STATE.anomaly:
         _check_forward(prim, out)
     return out
+
+
+def _capture(args: tuple) -> None:
+    """Note the arguments that need a gradient, for the checkpointed segment running now."""
+    for a in args:
+        if isinstance(a, Tensor) and a.requires_grad:
+            STATE.capture.setdefault(id(a), a)
 
 
 def _push_tangent(prim: Primitive, args: tuple, datas: list, kw: dict, out: Tensor) -> None:
@@ -480,13 +492,16 @@ def _seed(root: Tensor, grad: Any, create_graph: bool):
 
 
 def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None = None,
-             retain_graph: bool = False, create_graph: bool = False) -> list | None:
+             retain_graph: bool = False, create_graph: bool = False,
+             input_hooks: bool = True) -> list | None:
     """Propagate the cotangent `grad` of `root` back through the tape.
 
     With `inputs=None`, gradients are accumulated into each leaf's `.grad`
     (hooks run first, as soon as the leaf's gradient is final). With `inputs`,
     the walk stops at those tensors and their cotangents are returned as a
-    list (None where unreachable), leaving every `.grad` untouched.
+    list (None where unreachable), leaving every `.grad` untouched; their hooks
+    run unless `input_hooks=False` (a checkpointed segment's walk: its cotangents
+    are only part of what the outer walk will hand those tensors).
 
     Vertices are processed in reverse topological order by dependency count
     (Kahn's algorithm with a LIFO ready set), so each gradient is final — and
@@ -515,7 +530,7 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
             prim = v._prim
             if stop is not None and (prim is None or v in stop):
                 if v in stop:  # functional mode: hooks of other leaves (parameters) stay quiet
-                    grads[v] = _run_hooks(v, g) if v._hooks else g
+                    grads[v] = _run_hooks(v, g) if v._hooks and input_hooks else g
                 continue
             if v._hooks:
                 g = _run_hooks(v, g)
