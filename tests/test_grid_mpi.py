@@ -130,3 +130,38 @@ def test_training_job_on_a_grid_matches_data_parallel_over_the_dp_ranks(comm, pa
     g.free()
     assert model_parallel["test_loss"] == pytest.approx(oracle["test_loss"], rel=1e-5)
     assert model_parallel["test_acc"] == oracle["test_acc"]
+
+
+@pytest.mark.mpi(min_size=4)
+def test_pipeline_of_tensor_parallel_stages_trains_like_one_process(comm, tmp_path_factory):
+    """--parallel pp,tp on 4 ranks (2 stages x 2 tensor-parallel shards): the same test loss
+    and accuracy as one process, and the gathered model.npz equals the one process's."""
+    from distad.train import checkpoint as ckpt
+    from distad.train.config import TrainConfig
+    from distad.train.job import run
+    from distad.train.model_parallel import run_model_parallel
+
+    if comm.size != 4:
+        pytest.skip("a 2 x 2 grid needs exactly 4 ranks")
+    path = np.zeros(512, np.uint8)                     # rank 0's temporary folder, to all
+    if comm.rank == 0:
+        name = str(tmp_path_factory.mktemp("pptp")).encode()
+        path[:len(name)] = np.frombuffer(name, np.uint8)
+    root = bytes(comm.bcast(path)).rstrip(b"\0").decode()
+    settings = dict(hidden="32,32", epochs=1, max_steps=12, microbatches=2, progress=False,
+                    log_every=1000)
+    outs = [f"{root}/pptp", f"{root}/single"]
+    grid_run = run_model_parallel(TrainConfig(parallel="pp,tp", out=outs[0], **settings), comm)
+    alone = comm.split(comm.rank)
+    single = run(TrainConfig(parallel="dp", out=outs[1] if comm.rank == 0 else None,
+                             **settings), alone)
+    alone.free()
+    assert grid_run["steps"] == single["steps"] == 12
+    assert grid_run["test_loss"] == pytest.approx(single["test_loss"], rel=1e-5)
+    assert grid_run["test_acc"] == single["test_acc"]
+    if comm.rank == 0:
+        a = ckpt.load_state(f"{outs[0]}/model.npz")["model"]
+        b = ckpt.load_state(f"{outs[1]}/model.npz")["model"]
+        assert list(a) == list(b)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)

@@ -103,12 +103,15 @@ def _train(args, env, mpiexec=None, ranks=1, timeout=240):
 @pytest.mark.parametrize("ranks,spec,extra", [(1, "none", ()), (2, "none", ()),
                                               (2, "topk:0.05+ef", ()), (2, "powersgd:2+ef", ()),
                                               (2, "none", ("--norm", "batch")),
-                                              (2, "none", ("--norm", "sync"))])
+                                              (2, "none", ("--norm", "sync")),
+                                              (4, "none", ("--parallel", "pp,tp",
+                                                           "--microbatches", "2"))])
 def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
         tmp_path, mpiexec, launch_env, ranks, spec, extra):
     """Compressed runs included: error-feedback residuals, PowerSGD's Q and the compressor's
     random streams are run state, checkpointed per rank; so are BatchNorm's running
-    statistics (rank 0's, which every rank uses)."""
+    statistics (rank 0's, which every rank uses), and each stage's shards of a pipeline of
+    tensor-parallel stages."""
     common = ["--epochs", "3", "--batch-size", "16", "--hidden", "32", "--checkpoint-every", "7",
               "--compress", spec, *extra]
     full = _train([*common, "--out", str(tmp_path / "full")], launch_env, mpiexec, ranks)
@@ -166,3 +169,24 @@ def test_eval_every_records_test_accuracy_between_epochs(tmp_path):
     evals = [r for r in recs if "test_acc" in r]
     assert [r["step"] for r in evals][:4] == [10, 20, 30, 40]
     assert all(r["elapsed_s"] > 0 for r in evals)
+
+
+@pytest.mark.parametrize("spec,ranks,expected", [
+    ("pp", 4, (1, 4, 1)), ("dp,pp", 8, (4, 2, 1)), ("dp=2,pp", 8, (2, 4, 1)),
+    ("dp,tp", 4, (2, 1, 2)), ("pp,tp", 4, (1, 2, 2)), ("tp,pp", 8, (1, 4, 2)),
+    ("dp,pp,tp", 8, (2, 2, 2)), ("dp=1,pp=2,tp=4", 8, (1, 2, 4))])
+def test_parallel_spec_sizes(spec, ranks, expected):
+    from distad.train.model_parallel import parse_parallel
+
+    sizes = parse_parallel(spec, ranks)
+    assert (sizes["dp"], sizes["pp"], sizes["tp"]) == expected
+
+
+@pytest.mark.parametrize("spec,ranks,message", [
+    ("pp,pp", 4, "each at most once"), ("xp", 4, "subset of dp, pp, tp"),
+    ("pp=0", 4, "positive integer"), ("pp=3,tp", 4, "pp=3 x tp=1 = 3 ranks, but the job has 4")])
+def test_parallel_spec_errors_name_the_problem(spec, ranks, message):
+    from distad.train.model_parallel import parse_parallel
+
+    with pytest.raises(ValueError, match=message):
+        parse_parallel(spec, ranks)

@@ -67,10 +67,11 @@ HELP = {
     "clip": "clip the global gradient norm to this (0: off)",
     "compress": "gradient compression spec, e.g. none, fp16, topk:0.01+ef, powersgd:2+ef",
     "parallel": "dp (data parallel), pp (pipeline: one stage per rank), tp (tensor-parallel "
-    "Linear pairs), dp,pp or dp,tp (2-way model parallel x data parallel); sized specs like "
-    "dp=2,pp=2 also work",
+    "Linear pairs), or any combination (dp,pp; dp,tp; pp,tp: tensor-parallel stages; "
+    "dp,pp,tp); an axis without a size gets 2, the first of dp, pp, tp the rest; sized specs "
+    "like dp=2,pp=2 also work",
     "microbatches": "micro-batches per step (pipeline parallelism)",
-    "pipeline_schedule": "gpipe or 1f1b (with --parallel pp or dp,pp)",
+    "pipeline_schedule": "gpipe or 1f1b (with pp in --parallel)",
     "checkpoint_dir": "write checkpoints here", "checkpoint_every": "steps between checkpoints "
     "(0: every epoch)", "resume": "continue from the newest checkpoint in --checkpoint-dir",
     "out": "write metrics.jsonl, summary.json and model.npz here (rank 0)",

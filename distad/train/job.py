@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,13 @@ from ..data import ArrayDataset, DataLoader, DistributedSampler
 from ..parallel import DataParallel
 from . import checkpoint as ckpt
 from .config import TrainConfig, from_args, parser
-from .loop import SynchronisedGC, checkpoint_due, progress_bar, resumable_batches
+from .loop import (
+    FaultInjection,
+    SynchronisedGC,
+    checkpoint_due,
+    progress_bar,
+    resumable_batches,
+)
 from .timeline import Timeline
 
 __all__ = ["main", "run", "build_model", "load_dataset"]
@@ -164,7 +168,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                        f"train ({comm.size} rank{'s' if comm.size > 1 else ''})")
     cross_entropy = ad.nn.functional.cross_entropy
     params = list(model.parameters())
-    kill_at = int(os.environ.get("DISTAD_KILL_AT_STEP", "0"))  # fault injection for tests
+    fault = FaultInjection(comm.rank)
     dense_bytes = sum(b.nbytes for b in dp.buckets)  # what an uncompressed allreduce sends
     timeline = Timeline(comm) if cfg.trace else None
 
@@ -221,8 +225,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
                 if checkpoint_due(cfg, step, end_of_epoch):
                     save(cfg, comm, step, model, opt, sched, dp)
-                if step == kill_at and comm.rank == 0:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                fault.after_step(step)
                 if end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0):
                     dp.broadcast_buffers()  # every rank evaluates with rank 0's statistics
                     test_loss, test_acc = evaluate(model, Xte, yte, comm)

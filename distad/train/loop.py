@@ -9,6 +9,8 @@ is the same, and lives here once.
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -78,3 +80,15 @@ def checkpoint_due(cfg: TrainConfig, step: int, end_of_epoch: bool) -> bool:
     if cfg.checkpoint_every:
         return step % cfg.checkpoint_every == 0
     return end_of_epoch
+
+
+class FaultInjection:
+    """DISTAD_KILL_AT_STEP=N: rank 0 kills itself (SIGKILL, no cleanup) right after step N
+    and its checkpoint, so the tests can resume a run that really died."""
+
+    def __init__(self, rank: int) -> None:
+        self.step = int(os.environ.get("DISTAD_KILL_AT_STEP", "0")) if rank == 0 else 0
+
+    def after_step(self, step: int) -> None:
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,13 +1,13 @@
-"""`distad train --parallel pp|tp|dp,pp|dp,tp`: the training job with model parallelism.
+"""`distad train --parallel pp|tp|dp,pp|dp,tp|pp,tp|dp,pp,tp`: training with model parallelism.
 
 The ranks form a `grid`: with pipeline parallelism (pp) each pipeline cuts
 the model into stages, one per rank, and trains with `--microbatches`
 micro-batches per step (schedule 1F1B unless the config says otherwise);
 with tensor parallelism (tp) every Linear pair of the MLP is split
-Megatron-style over the tp ranks. With dp, each pipeline (or tp group) is a
-data-parallel replica: it trains on its shard of the epoch and DataParallel
-averages gradients over the replicas. `--batch-size` is the batch of one
-replica, so the global batch is dp x batch-size.
+Megatron-style over the tp ranks (within each stage, when both are used).
+With dp, each pipeline (or tp group) is a data-parallel replica: it trains on
+its shard of the epoch and DataParallel averages gradients over the replicas.
+`--batch-size` is the batch of one replica, so the global batch is dp x batch-size.
 
 Every rank builds the same model from the seed, keeps its part, and writes
 its own share of each checkpoint (parameters and optimizer state of its
@@ -37,6 +37,7 @@ from ..parallel import (
     tensor_parallel,
     tensor_parallel_state_dict,
 )
+from ..parallel.pipeline import partition_by_parameters
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .job import (
@@ -47,21 +48,28 @@ from .job import (
     make_optimizer,
     make_schedule,
 )
-from .loop import SynchronisedGC, checkpoint_due, progress_bar, resumable_batches
+from .loop import (
+    FaultInjection,
+    SynchronisedGC,
+    checkpoint_due,
+    progress_bar,
+    resumable_batches,
+)
 
 __all__ = ["parse_parallel", "run_model_parallel"]
 
 AXES = ("dp", "pp", "tp")
+_STATE_TAG = 7301  # gathering the model's stages at the end of the job
 
 
 def parse_parallel(spec: str, world_size: int) -> dict[str, int]:
     """Grid sizes {"dp", "pp", "tp"} from a --parallel spec and the number of ranks.
 
-    A spec names axes, optionally with sizes: "pp", "tp", "dp,pp", "dp,tp",
-    "dp=2,pp=2". An axis without a size takes what is left: alone ("pp") it
-    gets every rank; next to "dp", a model-parallel axis gets 2 and dp the
-    rest. Combining pp and tp is not supported (yet). Raises ValueError with
-    the reason.
+    A spec names axes, optionally with sizes: "pp", "tp", "dp,pp", "pp,tp",
+    "dp=2,pp=2,tp=2". Of the axes without a size, one takes what the sized
+    ones leave — dp if named, else pp, else tp — and the others get 2 (so
+    "dp,pp" on 8 ranks is dp=4 x pp=2, "pp,tp" is pp=4 x tp=2). Raises
+    ValueError with the reason.
     """
     sizes: dict[str, int | None] = {}
     for part in (p.strip() for p in spec.split(",")):
@@ -72,18 +80,12 @@ def parse_parallel(spec: str, world_size: int) -> dict[str, int]:
         if value and not (value.isdigit() and int(value) >= 1):
             raise ValueError(f"--parallel {spec!r}: size of {name} must be a positive integer")
         sizes[name] = int(value) if value else None
-    if "pp" in sizes and "tp" in sizes:
-        raise ValueError(f"--parallel {spec!r}: pipeline and tensor parallelism together are "
-                         "not supported; use pp, tp, dp,pp or dp,tp")
-    model_axis = "pp" if "pp" in sizes else "tp" if "tp" in sizes else None
-    if model_axis is not None and sizes[model_axis] is None:
-        if "dp" in sizes and sizes["dp"] is not None:
-            sizes[model_axis] = max(1, world_size // sizes["dp"])
-        else:
-            sizes[model_axis] = 2 if "dp" in sizes else world_size
-    fixed = math.prod(v for v in sizes.values() if v is not None)
-    if sizes.get("dp", 0) is None:
-        sizes["dp"] = max(1, world_size // fixed)
+    free = [a for a in ("dp", "pp", "tp") if a in sizes and sizes[a] is None]
+    for a in free[1:]:
+        sizes[a] = 2
+    if free:
+        fixed = math.prod(v for v in sizes.values() if v is not None)
+        sizes[free[0]] = max(1, world_size // fixed)
     out = {a: sizes.get(a) or 1 for a in AXES}
     if math.prod(out.values()) != world_size:
         raise ValueError(f"--parallel {spec!r}: dp={out['dp']} x pp={out['pp']} x tp={out['tp']}"
@@ -96,13 +98,21 @@ class _Parts:
 
     def __init__(self, cfg: TrainConfig, g: Grid, model: ad.nn.Module) -> None:
         self.g = g
+        # Names, shapes and dtypes of the whole model's state, in its order (for gathering).
+        self.full_layout = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
         dp_options = {"compressor": cfg.compress, "bucket_mb": cfg.bucket_mb,
                       "first_bucket_mb": cfg.first_bucket_mb, "overlap": cfg.overlap}
         self.pipe: PipelineParallel | None = None
         self.dp: DataParallel | None = None
         if g.pp_size > 1:
+            # Stages from the whole model's parameter counts, so that every tp rank cuts the
+            # model at the same layers (shards may differ by a row); tp splits within stages,
+            # and each tp rank of a stage talks to the same tp rank of the next one.
+            balance = partition_by_parameters(
+                [sum(q.size for q in layer.parameters()) for layer in model], g.pp_size)
             self.pipe = PipelineParallel(
-                model, g.pp, microbatches=cfg.microbatches,
+                tensor_parallel(model, g.tp) if g.tp_size > 1 else model, g.pp,
+                microbatches=cfg.microbatches, balance=balance,
                 schedule=getattr(cfg, "pipeline_schedule", "1f1b"),
                 data_parallel=g.dp if g.dp_size > 1 else None,
                 data_parallel_options=dp_options)
@@ -156,13 +166,33 @@ class _Parts:
 
     def full_state_dict(self) -> dict[str, np.ndarray] | None:
         """The whole model's state dict on world rank 0 (None elsewhere). Collective."""
-        if self.pipe is not None:
+        if self.pipe is not None and self.g.tp_size > 1:
+            sd = self._gather_stages(tensor_parallel_state_dict(self.pipe.stage_module))
+        elif self.pipe is not None:
             sd = self.pipe.full_state_dict()
         elif self.g.tp_size > 1:
             sd = tensor_parallel_state_dict(self.module)
         else:
             sd = self.module.state_dict()
         return sd if self.g.world.rank == 0 else None
+
+    def _gather_stages(self, stage_state: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Every stage's unsplit state (each tp group holds its stage's) on world rank 0, in the
+        whole model's key order: tp rank 0 of each stage sends it along its pipeline."""
+        g, pipe = self.g, self.pipe
+        if g.tp_rank != 0 or g.dp_rank != 0:
+            return None
+        if g.pp_rank != 0:
+            for name in stage_state:
+                g.pp.send(np.ascontiguousarray(stage_state[name]), 0, _STATE_TAG)
+            return None
+        out = {}
+        for name, (shape, dtype) in self.full_layout.items():
+            owner = next(s for s, (lo, hi) in enumerate(pipe.partition)
+                         if lo <= int(name.split(".")[0]) < hi)
+            out[name] = (stage_state[name] if owner == 0 else
+                         g.pp.recv(np.empty(shape, dtype), owner, _STATE_TAG))
+        return out
 
     def close(self) -> None:
         if self.pipe is not None:
@@ -250,6 +280,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
     shape = " x ".join(f"{a}={sizes[a]}" for a in AXES if sizes[a] > 1)
     bar = progress_bar(cfg, comm.rank, total_steps, step, f"train ({shape})")
 
+    fault = FaultInjection(comm.rank)
     t_start, window = time.perf_counter(), []
     test_loss = test_acc = float("nan")
     with SynchronisedGC(cfg.gc_every) as collector:
@@ -283,6 +314,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
                 end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
                 if checkpoint_due(cfg, step, end_of_epoch):
                     save(cfg, g, step, parts, opt, sched)
+                fault.after_step(step)
                 if end_of_epoch:
                     test_loss, test_acc = evaluate(parts, Xte, yte)
                     metrics.write({"step": step, "epoch": epoch, "test_loss": test_loss,
