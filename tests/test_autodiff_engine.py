@@ -193,3 +193,40 @@ def test_numpy_on_the_left_defers_to_tensor():
     assert isinstance(y, ad.Tensor)
     y.sum().backward()
     np.testing.assert_allclose(x.grad, 1 - 3 * np.arange(3))
+
+
+def test_backward_after_an_optimizer_step_changed_a_used_parameter_raises():
+    """The saved weight is stale once SGD has updated it in place: backward names the op and
+    the shape instead of returning gradients of the old weights (a version counter)."""
+    model = ad.nn.Linear(3, 2, rng=0)
+    opt = ad.optim.SGD(model.parameters(), lr=0.1)
+    x = ad.tensor(np.ones((4, 3), np.float32), requires_grad=True)
+    loss = (model(x) ** 2).sum()
+    loss.backward(retain_graph=True)
+    opt.step()
+    with pytest.raises(RuntimeError, match=r"input 1 of 'linear' \(shape \(2, 3\).*changed in "
+                                           r"place"):
+        loss.backward()
+
+
+def test_load_state_dict_between_forward_and_backward_raises_and_a_fresh_forward_works():
+    model = ad.nn.Linear(3, 2, rng=0)
+    state = {k: v * 2 for k, v in model.state_dict().items()}
+    x = np.ones((4, 3), np.float32)
+    loss = model(x).sum()
+    model.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        loss.backward()
+    model(x).sum().backward()  # a graph built after the change is fine
+    np.testing.assert_allclose(model.weight.grad, np.full((2, 3), 4.0))
+
+
+def test_accumulating_over_micro_batches_then_stepping_is_not_an_error():
+    model = ad.nn.Linear(3, 2, rng=0)
+    opt = ad.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        for xb in (np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)):
+            model(xb).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert model.weight._version == 2

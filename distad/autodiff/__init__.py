@@ -9,6 +9,7 @@ from .engine import (
     detect_anomaly,
     enable_grad,
     is_grad_enabled,
+    mark_modified,
     no_grad,
     queue_callback,
     tensor,
@@ -50,8 +51,8 @@ from .transforms import grad, hessian, hvp, jacobian, jvp, value_and_grad, vjp
 
 __all__ = [
     "Primitive", "Tensor", "backprop", "detect_anomaly", "enable_grad", "is_grad_enabled",
-    "no_grad", "queue_callback", "tensor", "checkpoint", "checkpoint_sequential", "custom_jvp",
-    "custom_vjp",
+    "mark_modified", "no_grad", "queue_callback", "tensor", "checkpoint", "checkpoint_sequential",
+    "custom_jvp", "custom_vjp",
     "GradcheckError", "gradcheck",
     "grad", "hessian", "hvp", "jacobian", "jvp", "value_and_grad", "vjp",
     "abs", "broadcast_to", "cast", "clip", "concatenate", "cos", "erf", "exp", "log", "log_softmax",

@@ -34,6 +34,7 @@ __all__ = [
     "backprop",
     "detect_anomaly",
     "queue_callback",
+    "mark_modified",
 ]
 
 
@@ -196,7 +197,7 @@ class Tensor:
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_prim", "_inputs", "_vals", "_kw", "_edges",
-                 "_hooks", "_tangent", "_origin", "__weakref__")
+                 "_hooks", "_tangent", "_origin", "_version", "__weakref__")
     __array_priority__ = 1000  # ndarray <op> Tensor defers to Tensor's reflected operator
 
     def __init__(self, data: Any, requires_grad: bool = False) -> None:
@@ -211,6 +212,7 @@ class Tensor:
         self._hooks = None
         self._tangent = None
         self._origin = None
+        self._version = 0
 
     # ---- array-like attributes -------------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -294,13 +296,14 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
         if isinstance(a, Tensor):
             da = a.data
             if record and a.requires_grad:
-                edges = [(0, a)]
+                edges = [(0, a, a._version)]
         else:
             da = a
         if isinstance(b, Tensor):
             db = b.data
             if record and b.requires_grad:
-                edges = [(1, b)] if edges is None else [edges[0], (1, b)]
+                edges = ([(1, b, b._version)] if edges is None
+                         else [edges[0], (1, b, b._version)])
         else:
             db = b
         datas = [da, db]
@@ -309,7 +312,7 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
         if isinstance(a, Tensor):
             datas = [a.data]
             if record and a.requires_grad:
-                edges = [(0, a)]
+                edges = [(0, a, a._version)]
         else:
             datas = [a]
     else:
@@ -319,9 +322,9 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
                 datas.append(a.data)
                 if record and a.requires_grad:
                     if edges is None:
-                        edges = [(i, a)]
+                        edges = [(i, a, a._version)]
                     else:
-                        edges.append((i, a))
+                        edges.append((i, a, a._version))
             else:
                 datas.append(a)
     if not record and STATE.capture is not None:
@@ -337,6 +340,7 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
     out = Tensor.__new__(Tensor)
     out.data = y
     out.grad = out._hooks = out._tangent = out._origin = None
+    out._version = 0
     if edges is None:
         out.requires_grad = False
         out._prim = out._inputs = out._vals = out._kw = out._edges = None
@@ -462,7 +466,7 @@ def _graph(root: Tensor, stop: set | None) -> dict:
                 f"backward through a freed graph: the tape of '{v._prim.name}' was released by "
                 "an earlier backward; pass retain_graph=True to the first backward() if you "
                 "need to differentiate twice")
-        for _, a in edges:
+        for _, a, _ in edges:
             n = pending.get(a)
             if n is None:
                 pending[a] = 1
@@ -544,7 +548,9 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
                 y, vals = v.data, v._vals
             kw = v._kw
             vjps = prim.vjp
-            for i, a in v._edges:
+            for i, a, version in v._edges:
+                if a._version != version:
+                    raise RuntimeError(_modified_message(prim, v, i, a))
                 gi = vjps[i](g, y, *vals, **kw) if kw else vjps[i](g, y, *vals)
                 if anomaly:
                     _check_backward(prim, v, gi)
@@ -574,6 +580,19 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
     if inputs is None:
         return None
     return [grads.get(t) for t in inputs]
+
+
+def _modified_message(prim: Primitive, v: Tensor, i: int, a: Tensor) -> str:
+    return (f"backward: input {i} of '{prim.name}' (shape {a.shape}, {a.dtype}) was changed in "
+            f"place after the forward pass used it (by an optimizer step or load_state_dict), so "
+            f"the values saved for backward are stale; run backward before updating the "
+            f"parameters{_where(v._origin or [])}")
+
+
+def mark_modified(t: Tensor) -> None:
+    """Record that t's values were changed in place: a graph that used the old values refuses
+    to run backward through them (PyTorch's version counter)."""
+    t._version += 1
 
 
 def _run_hooks(v: Tensor, g: Any) -> Any:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from distad.autodiff import Tensor
+from distad.autodiff import Tensor, mark_modified
 
 __all__ = ["Parameter", "Module", "IncompatibleKeys", "functional_call"]
 
@@ -315,6 +315,8 @@ class Module:
                 p.data[...] = arr  # in place, as PyTorch's copy_: views of p.data stay valid
             else:
                 p.data = np.array(arr, dtype=p.data.dtype, copy=True)
+            if isinstance(p, Tensor):
+                mark_modified(p)
         return IncompatibleKeys(missing, unexpected)
 
     # ---- calling and printing ------------------------------------------------------------

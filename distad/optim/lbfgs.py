@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from distad.autodiff import Tensor, enable_grad
+from distad.autodiff import Tensor, enable_grad, mark_modified
 
 from .optimizer import Optimizer, ParamsT
 
@@ -185,6 +185,7 @@ class LBFGS(Optimizer):
         for p in self._params:
             n = p.size
             p.data += step_size * update[offset:offset + n].reshape(p.shape)
+            mark_modified(p)
             offset += n
 
     def _clone_param(self) -> list[np.ndarray]:
@@ -193,6 +194,7 @@ class LBFGS(Optimizer):
     def _set_param(self, params_data: list[np.ndarray]) -> None:
         for p, pdata in zip(self._params, params_data):
             p.data[...] = pdata
+            mark_modified(p)
 
     def _directional_evaluate(self, closure: Callable, x: list[np.ndarray], t: float,
                               d: np.ndarray) -> tuple[float, np.ndarray]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from distad.autodiff import Tensor, enable_grad
+from distad.autodiff import Tensor, enable_grad, mark_modified
 
 __all__ = ["Optimizer"]
 
@@ -90,6 +90,7 @@ class Optimizer:
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, p.grad, self.state.setdefault(p, {}), group)
+                    mark_modified(p)
         return loss
 
     def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:

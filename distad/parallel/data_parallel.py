@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..autodiff import Tensor, queue_callback
+from ..autodiff import Tensor, mark_modified, queue_callback
 from ..comm import Communicator
 from ..comm.buckets import Bucket, plan_buckets
 from ..nn import Module
@@ -122,6 +122,7 @@ class DataParallel(Module):
             self.comm.bcast(b.buffer, root=0)
             for p, view in zip(b.params, b.views):
                 np.copyto(p.data, view)
+                mark_modified(p)
 
     def broadcast_buffers(self) -> None:
         """Rank 0's buffers to every rank, in place: one broadcast per buffer dtype (none
