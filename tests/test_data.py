@@ -433,3 +433,66 @@ def test_sampler_shards_partition_the_epoch_order_for_any_size(n, p, seed, epoch
         assert distinct == n  # covers; the only repeats are the p*size - n padding
     again = [shard_indices(n, p, r, seed=seed, epoch=epoch, drop_last=drop_last) for r in range(p)]
     assert all(np.array_equal(a, b) for a, b in zip(shards, again, strict=True))
+
+
+# ---- .npz files of the user's own ----------------------------------------------------------
+
+def _blobs(n=400, seed=0):
+    """Three well-separated Gaussian classes in 5 dimensions."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    X = rng.standard_normal((n, 5)) + 4.0 * np.eye(3, 5)[y]
+    return X, y
+
+
+def test_load_npz_reads_x_and_y_as_float32_and_int64(tmp_path):
+    from distad.data import load_npz
+
+    X, y = _blobs()
+    np.savez(tmp_path / "d.npz", X=X, y=y.astype(np.float64))  # float labels that are integers
+    got = load_npz(tmp_path / "d.npz")
+    assert got["X"].dtype == np.float32 and got["y"].dtype == np.int64
+    np.testing.assert_array_equal(got["y"], y)
+    np.testing.assert_allclose(got["X"], X.astype(np.float32))
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"X": np.zeros((3, 2))}, "expected arrays X and y"),
+    ({"X": np.zeros((3, 2)), "y": np.zeros(4, int)}, r"same n > 0, got \(3, 2\) and \(4,\)"),
+    ({"X": np.zeros((3, 2)), "y": np.array([0, -1, 2])}, "class labels 0, 1, 2"),
+    ({"X": np.zeros((3, 2)), "y": np.array([0.5, 1.0, 2.0])}, "class labels"),
+    ({"X": np.array([[0.0, np.nan]] * 3), "y": np.zeros(3, int)}, "NaN or infinite"),
+    ({"X_train": np.zeros((3, 2)), "y_train": np.zeros(3, int), "X_test": np.zeros((2, 3)),
+      "y_test": np.zeros(2, int)}, "differ in shape"),
+    ({"X": np.array([[{}]] * 2, dtype=object), "y": np.zeros(2, int)}, "without pickle"),
+])
+def test_load_npz_names_what_is_wrong(tmp_path, arrays, message):
+    from distad.data import load_npz
+
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        load_npz(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_training_job_learns_a_dataset_from_an_npz_file(tmp_path, split):
+    from distad.train.config import TrainConfig
+    from distad.train.job import run
+
+    X, y = _blobs()
+    if split:
+        np.savez(tmp_path / "d.npz", X_train=X[:300], y_train=y[:300], X_test=X[300:],
+                 y_test=y[300:])
+    else:
+        np.savez(tmp_path / "d.npz", X=X, y=y)
+    summary = run(TrainConfig(dataset=str(tmp_path / "d.npz"), hidden="16", epochs=5, lr=0.1,
+                              progress=False))
+    assert summary["test_acc"] > 0.95
+
+
+def test_training_job_says_which_dataset_file_is_missing(tmp_path):
+    from distad.train.config import TrainConfig
+    from distad.train.job import run
+
+    with pytest.raises(SystemExit, match="--dataset .*nope.npz"):
+        run(TrainConfig(dataset=str(tmp_path / "nope.npz"), progress=False))

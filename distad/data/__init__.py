@@ -17,6 +17,7 @@ and tests in one process.
 from distad.data.dataset import ArrayDataset, Dataset
 from distad.data.digits import load_digits
 from distad.data.loader import DataLoader
+from distad.data.npz import load_npz
 from distad.data.sampler import DistributedSampler, epoch_permutation, shard_indices
 from distad.data.split import split_indices, train_test_split
 from distad.data.synthetic import make_classification, make_regression
@@ -28,6 +29,7 @@ __all__ = [
     "DistributedSampler",
     "epoch_permutation",
     "load_digits",
+    "load_npz",
     "make_classification",
     "make_regression",
     "shard_indices",

@@ -59,7 +59,8 @@ HELP = {
     "norm": "none, batch or sync: BatchNorm after every hidden Linear (mlp) or convolution "
     "(cnn); batch normalises each rank's shard alone and uses rank 0's running statistics, "
     "sync (SyncBatchNorm) the statistics of all ranks' batches together (--parallel dp only)",
-    "dataset": "digits (bundled, 1,797 8x8 images) or synthetic",
+    "dataset": "digits (bundled, 1,797 8x8 images), synthetic, or a .npz file of your own "
+    "(arrays X and y, or X_train, y_train, X_test, y_test; y: class labels 0..C-1)",
     "samples": "size of the synthetic data set", "features": "width of the synthetic data set",
     "classes": "classes of the synthetic data set", "test_size": "held-out fraction",
     "batch_size": "samples per rank per step (global batch = ranks x this)",
@@ -85,7 +86,6 @@ HELP = {
 }
 
 CHOICES = {"model": ("mlp", "cnn"), "norm": ("none", "batch", "sync"),
-           "dataset": ("digits", "synthetic"),
            "optimizer": ("sgd", "adam", "adamw", "lbfgs"), "schedule": ("none", "step", "cosine"),
            "pipeline_schedule": ("gpipe", "1f1b")}
 
@@ -115,6 +115,9 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if cfg.resume and not cfg.checkpoint_dir:
         raise SystemExit("distad train: --resume needs --checkpoint-dir")
+    if cfg.dataset not in ("digits", "synthetic") and not cfg.dataset.endswith(".npz"):
+        raise SystemExit(f"distad train: --dataset must be digits, synthetic or a .npz file, "
+                         f"got {cfg.dataset!r}")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
     if cfg.norm != "none" and cfg.parallel != "dp":

@@ -39,20 +39,38 @@ __all__ = ["main", "run", "build_model", "load_dataset"]
 
 
 def load_dataset(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(X_train, X_test, y_train, y_test), identical on every rank (seeded split)."""
-    shape = (1, 8, 8) if cfg.model == "cnn" else (64,)
+    """(X_train, X_test, y_train, y_test), identical on every rank (seeded split): the bundled
+    digits, a synthetic set, or the arrays of an .npz file (`distad.data.load_npz`)."""
     if cfg.dataset == "digits":
-        X, y = ad.data.load_digits(shape=shape)
-    else:
+        X, y = ad.data.load_digits(shape=(1, 8, 8) if cfg.model == "cnn" else (64,))
+    elif cfg.dataset == "synthetic":
         X, y = ad.data.make_classification(cfg.samples, cfg.features, cfg.classes,
                                            seed=cfg.seed + 12345)
-        if cfg.model == "cnn":
-            side = math.isqrt(cfg.features)
-            if side * side != cfg.features:
-                raise SystemExit(f"distad train: --model cnn needs a square --features, got "
-                                 f"{cfg.features}")
-            X = X.reshape(-1, 1, side, side)
+    else:
+        try:
+            arrays = ad.data.load_npz(cfg.dataset)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"distad train: --dataset {cfg.dataset}: {e}") from None
+        if "X" not in arrays:
+            return tuple(_images(arrays[k], cfg) if cfg.model == "cnn" else arrays[k]
+                         for k in ("X_train", "X_test", "y_train", "y_test"))
+        X, y = arrays["X"], arrays["y"]
+    if cfg.model == "cnn":
+        X = _images(X, cfg)
     return ad.data.train_test_split(X, y, test_size=cfg.test_size, seed=cfg.seed)
+
+
+def _images(X: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """X as (n, channels, side, side) for the CNN: square rows become one-channel images."""
+    if X.ndim == 4 and X.shape[2] == X.shape[3]:
+        return X
+    if X.ndim == 3 and X.shape[1] == X.shape[2]:
+        return X[:, None]
+    side = math.isqrt(int(np.prod(X.shape[1:])))
+    if X.ndim == 2 and side * side == X.shape[1]:
+        return X.reshape(-1, 1, side, side)
+    raise SystemExit(f"distad train: --model cnn needs square images (n, c, s, s), (n, s, s) or "
+                     f"(n, s*s), got samples of shape {X.shape[1:]} from --dataset {cfg.dataset}")
 
 
 def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int,
