@@ -114,8 +114,11 @@ def test_dp2_x_tp2_gradients_equal_one_process_gradients_on_the_global_batch(com
 
 
 @pytest.mark.mpi(min_size=4)
-@pytest.mark.parametrize("parallel", ["dp=2,pp=2", "dp=2,tp=2"])
-def test_training_job_on_a_grid_matches_data_parallel_over_the_dp_ranks(comm, parallel):
+@pytest.mark.parametrize("parallel,norm", [("dp=2,pp=2", "none"), ("dp=2,tp=2", "none"),
+                                           ("dp=2,tp=2", "batch"), ("dp=2,tp=2", "sync")])
+def test_training_job_on_a_grid_matches_data_parallel_over_the_dp_ranks(comm, parallel, norm):
+    """With --norm, each tensor-parallel rank normalises its slice of the features
+    (ShardedBatchNorm; SyncBatchNorm sums over the dp ranks): the same run as DataParallel."""
     from distad.train.config import TrainConfig
     from distad.train.job import run
     from distad.train.model_parallel import run_model_parallel
@@ -123,7 +126,7 @@ def test_training_job_on_a_grid_matches_data_parallel_over_the_dp_ranks(comm, pa
     if comm.size != 4:
         pytest.skip("a 2 x 2 grid needs exactly 4 ranks")
     settings = dict(hidden="32,32", epochs=1, max_steps=15, microbatches=2, progress=False,
-                    log_every=1000)
+                    log_every=1000, norm=norm)
     model_parallel = run_model_parallel(TrainConfig(parallel=parallel, **settings), comm)
     g = grid(dp=2, pp=2, comm=comm)                     # g.dp: two ranks with different shards
     oracle = run(TrainConfig(parallel="dp", **settings), g.dp)
@@ -165,3 +168,32 @@ def test_pipeline_of_tensor_parallel_stages_trains_like_one_process(comm, tmp_pa
         assert list(a) == list(b)
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_batch_norm_between_tensor_parallel_linears_runs_on_feature_slices(comm):
+    """tensor_parallel turns a BatchNorm1d after a column-parallel Linear into a
+    ShardedBatchNorm: forward, gradients, running statistics and the gathered state dict equal
+    the single-process model's."""
+    from distad.parallel import ShardedBatchNorm, tensor_parallel_state_dict
+
+    def make():
+        rng = np.random.default_rng(3)
+        return nn.Sequential(nn.Linear(8, 16, rng=rng), nn.BatchNorm1d(16), nn.ReLU(),
+                             nn.Linear(16, 4, rng=rng))
+    ref, tp = make(), tensor_parallel(make(), comm)
+    assert isinstance(tp[1], ShardedBatchNorm) and tp[1].num_features == 16 // comm.size
+    X, y = global_batch(12, seed=9)
+    for _ in range(3):  # running statistics move, parameters get gradients
+        for m in (ref, tp):
+            for p in m.parameters():
+                p.grad = None
+            cross_entropy(m(X), y).backward()
+    np.testing.assert_allclose(tp(X).data, ref(X).data, rtol=1e-5, atol=1e-6)
+    k = slice(comm.rank * 16 // comm.size, (comm.rank + 1) * 16 // comm.size)
+    np.testing.assert_allclose(tp[1].weight.grad, ref[1].weight.grad[k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tp[0].weight.grad, ref[0].weight.grad[k], rtol=1e-5, atol=1e-6)
+    full, want = tensor_parallel_state_dict(tp), ref.state_dict()
+    assert list(full) == list(want)
+    for name in want:
+        np.testing.assert_allclose(full[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)

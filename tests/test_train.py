@@ -105,13 +105,15 @@ def _train(args, env, mpiexec=None, ranks=1, timeout=240):
                                               (2, "none", ("--norm", "batch")),
                                               (2, "none", ("--norm", "sync")),
                                               (4, "none", ("--parallel", "pp,tp",
-                                                           "--microbatches", "2"))])
+                                                           "--microbatches", "2")),
+                                              (4, "none", ("--parallel", "dp,tp",
+                                                           "--norm", "sync"))])
 def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
         tmp_path, mpiexec, launch_env, ranks, spec, extra):
     """Compressed runs included: error-feedback residuals, PowerSGD's Q and the compressor's
     random streams are run state, checkpointed per rank; so are BatchNorm's running
-    statistics (rank 0's, which every rank uses), and each stage's shards of a pipeline of
-    tensor-parallel stages."""
+    statistics (rank 0's, which every rank uses), each stage's shards of a pipeline of
+    tensor-parallel stages, and the feature slices of a tensor-parallel SyncBatchNorm."""
     common = ["--epochs", "3", "--batch-size", "16", "--hidden", "32", "--checkpoint-every", "7",
               "--compress", spec, *extra]
     full = _train([*common, "--out", str(tmp_path / "full")], launch_env, mpiexec, ranks)
@@ -190,3 +192,12 @@ def test_parallel_spec_errors_name_the_problem(spec, ranks, message):
 
     with pytest.raises(ValueError, match=message):
         parse_parallel(spec, ranks)
+
+
+def test_batch_norm_with_a_pipeline_is_refused_with_the_reason():
+    from distad.train.config import from_args, parser
+
+    with pytest.raises(SystemExit, match="micro-batches"):
+        from_args(parser().parse_args(["--parallel", "pp", "--norm", "batch"]))
+    cfg = from_args(parser().parse_args(["--parallel", "dp,tp", "--norm", "sync"]))
+    assert cfg.norm == "sync"

@@ -9,6 +9,7 @@ from .sync_batch_norm import SyncBatchNorm
 from .tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
+    ShardedBatchNorm,
     TensorParallelMLP,
     tensor_parallel,
     tensor_parallel_state_dict,
@@ -17,5 +18,5 @@ from .tensor_parallel import (
 __all__ = ["DataParallel", "StepStats", "value_and_grad", "AllreduceMean", "GradientSync",
            "make_sync", "SyncBatchNorm"]
 __all__ += ["PipelineParallel", "partition_by_parameters", "pipeline_schedule", "Grid", "grid",
-            "ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP", "tensor_parallel",
-            "tensor_parallel_state_dict"]
+            "ColumnParallelLinear", "RowParallelLinear", "ShardedBatchNorm", "TensorParallelMLP",
+            "tensor_parallel", "tensor_parallel_state_dict"]

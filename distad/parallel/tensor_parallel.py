@@ -30,9 +30,10 @@ from ..comm.collectives import (
 )
 from ..nn import GELU, Identity, Linear, Module, Parameter, ReLU, Sequential, Sigmoid, Tanh
 from ..nn import functional as F
+from ..nn.norm import _BatchNorm
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP", "tensor_parallel",
-           "tensor_parallel_state_dict"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "ShardedBatchNorm", "TensorParallelMLP",
+           "tensor_parallel", "tensor_parallel_state_dict"]
 
 # Layers that act elementwise: they may run on a shard between a column- and a row-parallel Linear.
 ELEMENTWISE = (ReLU, Tanh, GELU, Sigmoid, Identity)
@@ -155,6 +156,43 @@ class RowParallelLinear(Module):
                 f"input_is_parallel={self.input_is_parallel}")
 
 
+class ShardedBatchNorm(_BatchNorm):
+    """A BatchNorm (or SyncBatchNorm) on this rank's slice of the features, between a column-
+    and a row-parallel Linear.
+
+    Batch normalisation's statistics are per feature, so a slice of the features needs nothing
+    from the other tensor-parallel ranks; a SyncBatchNorm keeps its sum over the data-parallel
+    ranks (who hold the same slice). Weight, bias and running statistics are `source`'s slice;
+    `full_state()` gathers them.
+    """
+
+    def __init__(self, source: _BatchNorm, comm: Communicator) -> None:
+        k = _shard(source.num_features, comm, type(source).__name__)
+        like = source.weight if source.weight is not None else source.running_mean
+        super().__init__(k.stop - k.start, source.eps, source.momentum,
+                         source.weight is not None, source.track_running_stats,
+                         like.dtype if like is not None else np.float32)
+        object.__setattr__(self, "_dims", source._dims)
+        object.__setattr__(self, "_group_sum", source._group_sum)
+        object.__setattr__(self, "comm", comm)
+        self.full_features = source.num_features
+        for name in ("weight", "bias"):  # parameters (Tensors)
+            if getattr(self, name) is not None:
+                getattr(self, name).data[...] = getattr(source, name).data[k]
+        if self.track_running_stats:  # buffers (arrays)
+            self.running_mean[...] = source.running_mean[k]
+            self.running_var[...] = source.running_var[k]
+            self.num_batches_tracked[...] = source.num_batches_tracked
+
+    def full_state(self) -> dict[str, np.ndarray]:
+        """Weight, bias and running statistics gathered from every rank. Collective."""
+        return {name: value.data.copy() if value.data.ndim == 0 else
+                _gather(value.data, self.comm, 0) for name, value in self._state_items()}
+
+    def extra_repr(self) -> str:
+        return f"{self.full_features} (this rank: {self.num_features}), ranks={self.comm.size}"
+
+
 class TensorParallelMLP(Module):
     """The Megatron MLP block: ColumnParallelLinear -> activation -> RowParallelLinear.
 
@@ -211,6 +249,8 @@ def tensor_parallel(model: Sequential, comm: Communicator) -> Sequential:
                 open_column = None
         elif isinstance(layer, ELEMENTWISE):
             out.append(layer)
+        elif isinstance(layer, _BatchNorm) and open_column is not None:
+            out.append(ShardedBatchNorm(layer, comm))  # per feature: it runs on the shard
         else:
             if open_column is not None:
                 out[open_column].gather_output = True
@@ -230,7 +270,7 @@ def tensor_parallel_state_dict(model: Module) -> dict[str, np.ndarray]:
     """
     state = model.state_dict()
     for prefix, mod in model.named_modules():
-        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear)):
+        if isinstance(mod, (ColumnParallelLinear, RowParallelLinear, ShardedBatchNorm)):
             for k, v in mod.full_state().items():
                 state[f"{prefix}.{k}" if prefix else k] = v
     return state

@@ -58,7 +58,7 @@ HELP = {
     "model": "mlp or cnn", "hidden": "hidden layer widths of the MLP, e.g. 128 or 512,512",
     "norm": "none, batch or sync: BatchNorm after every hidden Linear (mlp) or convolution "
     "(cnn); batch normalises each rank's shard alone and uses rank 0's running statistics, "
-    "sync (SyncBatchNorm) the statistics of all ranks' batches together (--parallel dp only)",
+    "sync (SyncBatchNorm) the statistics of all ranks' batches together (not with pp)",
     "dataset": "digits (bundled, 1,797 8x8 images), synthetic, or a .npz file of your own "
     "(arrays X and y, or X_train, y_train, X_test, y_test; y: class labels 0..C-1)",
     "samples": "size of the synthetic data set", "features": "width of the synthetic data set",
@@ -120,7 +120,8 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
                          f"got {cfg.dataset!r}")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
-    if cfg.norm != "none" and cfg.parallel != "dp":
-        raise SystemExit(f"distad train: --norm {cfg.norm} works with --parallel dp only, not "
-                         f"{cfg.parallel}")
+    if cfg.norm != "none" and "pp" in cfg.parallel:
+        raise SystemExit(f"distad train: --norm {cfg.norm} does not work with pipeline "
+                         f"parallelism (--parallel {cfg.parallel}): its statistics would be "
+                         f"those of micro-batches, not batches")
     return cfg

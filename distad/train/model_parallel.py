@@ -128,8 +128,9 @@ class _Parts:
         # a copy of them, or nothing, in a pipeline's earlier stages).
         self.reports = g.pp_rank == g.pp_size - 1 and g.tp_rank == 0
         # Parameters whose value (and gradient) every tp rank holds: counted once in norms.
-        sharded = {id(p) for m in self.module.modules()
-                   if isinstance(m, ad.parallel.ColumnParallelLinear) for p in m.parameters()}
+        split = (ad.parallel.ColumnParallelLinear, ad.parallel.ShardedBatchNorm)
+        sharded = {id(p) for m in self.module.modules() if isinstance(m, split)
+                   for p in m.parameters()}
         sharded |= {id(m.weight) for m in self.module.modules()
                     if isinstance(m, ad.parallel.RowParallelLinear)}
         self.norm_weight = [1.0 if id(p) in sharded else 1.0 / g.tp_size for p in self.params]
@@ -221,6 +222,8 @@ def evaluate(parts: _Parts, X: np.ndarray, y: np.ndarray, batch: int = 512
              ) -> tuple[float, float]:
     """(mean loss, accuracy) on (X, y): each replica evaluates a disjoint slice; reduced."""
     g = parts.g
+    if parts.dp is not None:
+        parts.dp.broadcast_buffers()  # every replica evaluates with replica 0's statistics
     idx = np.array_split(np.arange(len(X)), g.dp_size)[g.dp_rank]
     totals = np.zeros(3)
     parts.module.eval()
@@ -258,7 +261,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
     g = grid(comm=comm, **sizes)
     Xtr, Xte, ytr, yte = load_dataset(cfg)
     n_classes = int(max(ytr.max(), yte.max())) + 1
-    model = build_model(cfg, Xtr.shape[1:], n_classes)
+    model = build_model(cfg, Xtr.shape[1:], n_classes, g.dp)  # SyncBatchNorm: over the replicas
     n_params = int(sum(p.size for p in model.parameters()))
     parts = _Parts(cfg, g, model)
     sampler = DistributedSampler(len(Xtr), g.dp_size, g.dp_rank, shuffle=True, seed=cfg.seed)
