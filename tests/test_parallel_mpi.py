@@ -263,3 +263,42 @@ def test_sync_batch_norm_under_data_parallel_equals_batch_norm_on_the_global_bat
                 p.data -= lr * p.grad
     stats = dp.module[1].running_var.copy()
     np.testing.assert_array_equal(comm.bcast(stats.copy(), root=0), stats)
+
+
+@pytest.mark.parametrize("spec", [None, "topk:0.25+ef"])
+def test_join_trains_on_uneven_inputs_like_one_process_and_ends_with_one_model(comm, spec):
+    """Rank r has 2 + r batches. Inside join() the ranks that still have data average their
+    gradients over all ranks (the others shadow with zeros), so step t of plain SGD moves the
+    parameters by -lr * sum over the ranks with a batch t of their gradients / P; at the end
+    every rank holds the model of the rank that stepped most."""
+    lr, P = 0.1, comm.size
+    batches = {r: [global_batch(6, seed=100 * r + t) for t in range(2 + r)] for r in range(P)}
+    model = make_model()
+    dp = ad.parallel.DataParallel(model, comm, compressor=spec, first_bucket_mb=0.001,
+                                  bucket_mb=0.002)
+    opt = ad.optim.SGD(model.parameters(), lr=lr)
+    with dp.join():
+        for X, y in batches[comm.rank]:
+            opt.zero_grad()
+            ad.nn.functional.cross_entropy(dp(X), y).backward()
+            opt.step()
+    final = [p.data.copy() for p in model.parameters()]
+    for a in final:                                    # one model on every rank, bit for bit
+        np.testing.assert_array_equal(comm.allgather(a)[0], a)
+    if spec is None:                                   # the oracle: plain SGD in one process
+        ref = make_model()
+        for t in range(2 + P - 1):
+            total = [np.zeros_like(p.data) for p in ref.parameters()]
+            for r in range(P):
+                if t < len(batches[r]):
+                    for p in ref.parameters():
+                        p.grad = None
+                    X, y = batches[r][t]
+                    ad.nn.functional.cross_entropy(ref(X), y).backward()
+                    for acc, p in zip(total, ref.parameters()):
+                        acc += p.grad
+            for p, g in zip(ref.parameters(), total):
+                p.data -= lr * g / P
+        for a, p in zip(final, ref.parameters()):
+            np.testing.assert_allclose(a, p.data, rtol=1e-5, atol=1e-6)
+    dp.close()

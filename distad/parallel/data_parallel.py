@@ -101,6 +101,7 @@ class DataParallel(Module):
         object.__setattr__(self, "_next", 0)
         object.__setattr__(self, "_armed", False)
         object.__setattr__(self, "_sync_enabled", True)
+        object.__setattr__(self, "_join_steps", None)  # steps taken inside join(), else None
         object.__setattr__(self, "_t0", 0.0)
         for b in buckets:
             for k, p in enumerate(b.params):
@@ -114,18 +115,18 @@ class DataParallel(Module):
                       [*module.named_parameters(), *module.named_buffers()])
         comm.agree(fp, what="model fingerprint (parameter names, shapes, dtypes)")
 
-    def _broadcast_parameters(self) -> None:
-        """One broadcast per bucket from rank 0, so every rank starts from the same weights."""
+    def _broadcast_parameters(self, root: int = 0) -> None:
+        """One broadcast per bucket from `root`, so every rank has the same weights."""
         for b in self.buckets:
             for p, view in zip(b.params, b.views):
                 np.copyto(view, p.data)
-            self.comm.bcast(b.buffer, root=0)
+            self.comm.bcast(b.buffer, root=root)
             for p, view in zip(b.params, b.views):
                 np.copyto(p.data, view)
                 mark_modified(p)
 
-    def broadcast_buffers(self) -> None:
-        """Rank 0's buffers to every rank, in place: one broadcast per buffer dtype (none
+    def broadcast_buffers(self, root: int = 0) -> None:
+        """Rank `root`'s buffers to every rank, in place: one broadcast per buffer dtype (none
         without buffers or on one rank). Collective. `distad train` calls it before
         evaluating, so that every rank evaluates with the same running statistics."""
         if self.comm.size == 1:
@@ -135,7 +136,7 @@ class DataParallel(Module):
             by_dtype.setdefault(b.dtype, []).append(b)
         for bufs in by_dtype.values():
             flat = np.concatenate([b.reshape(-1) for b in bufs])
-            self.comm.bcast(flat, root=0)
+            self.comm.bcast(flat, root=root)
             offset = 0
             for b in bufs:
                 b[...] = flat[offset : offset + b.size].reshape(b.shape)
@@ -144,9 +145,63 @@ class DataParallel(Module):
     # ---- forward -------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._join_steps is not None and self.training:
+            self._announce(stepping=True)
+            object.__setattr__(self, "_join_steps", self._join_steps + 1)
         if self._broadcast_buffers_each_forward and self.training:
             self.broadcast_buffers()
         return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def join(self) -> Iterator[None]:
+        """Train on uneven inputs: the ranks may run different numbers of steps in the block.
+
+        Inside it, every training forward first counts, with one small allreduce, the ranks
+        still stepping. A rank that has left the block (its data ran out) shadows each step
+        of the others until none is left: the same buffer broadcast and bucket reductions,
+        of zero gradients, so the average stays the sum over the stepping ranks divided by
+        the number of ranks (PyTorch's Join does the same by default). Then every rank takes
+        the parameters and buffers of the rank that stepped most, since the others skipped
+        its last updates (optimizer state is not exchanged). Collective. A rank that has
+        left mirrors only DataParallel's collectives: other per-step collectives of the loop
+        (a loss allreduce, SyncBatchNorm) must stay outside the block.
+        """
+        if self.comm.size == 1:
+            yield
+            return
+        object.__setattr__(self, "_join_steps", 0)
+        try:
+            yield
+        except BaseException:
+            object.__setattr__(self, "_join_steps", None)
+            raise
+        try:
+            while True:
+                stepping, syncing = self._announce(stepping=False)
+                if not stepping:
+                    break
+                self._shadow_step(syncing)
+            steps = self.comm.allgather(np.array([self._join_steps], np.int64)).ravel()
+            most = int(np.argmax(steps))  # the lowest rank among those that stepped most
+            self._broadcast_parameters(root=most)
+            self.broadcast_buffers(root=most)
+        finally:
+            object.__setattr__(self, "_join_steps", None)
+
+    def _announce(self, stepping: bool) -> tuple[int, int]:
+        """(ranks stepping, ranks of those whose step synchronises gradients), from everyone."""
+        flags = np.array([int(stepping), int(stepping and self._sync_enabled)], np.int64)
+        self.comm.allreduce(flags, out=flags)
+        return int(flags[0]), int(flags[1])
+
+    def _shadow_step(self, syncing: int) -> None:
+        """The collectives of one step of the ranks still stepping, with zero gradients."""
+        if self._broadcast_buffers_each_forward:
+            self.broadcast_buffers()
+        if syncing:
+            for b in self.buckets:
+                b.buffer.fill(0)
+                self._reduce(b)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
