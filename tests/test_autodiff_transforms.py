@@ -338,3 +338,19 @@ def test_anomaly_mode_names_the_op_whose_backward_made_an_inf():
         y = ad.sqrt(x).sum()          # finite forward, infinite derivative at 0
         with pytest.raises(FloatingPointError, match="backward of 'sqrt'"):
             y.backward()
+
+
+@pytest.mark.parametrize("outer", ["rev", "fwd"])
+@pytest.mark.parametrize("inner", ["rev", "fwd"])
+def test_jacobian_of_jacobian_is_the_hessian_in_every_mode(outer, inner):
+    """jacfwd(jacfwd), jacfwd(jacrev), ... of Rosenbrock against its closed-form Hessian."""
+    x = rng.uniform(-1.5, 1.5, 5)
+    H = ad.jacobian(ad.jacobian(rosenbrock, mode=inner), mode=outer)(x)
+    np.testing.assert_allclose(H, rosenbrock_hessian(x), rtol=1e-12, atol=1e-9)
+
+
+def test_a_jacobian_inside_grad_is_differentiable():
+    """d/dx sum(J(x)) for J the Jacobian of tanh(x) * sum(x), against central differences."""
+    g = lambda x: ad.tanh(x) * x.sum()  # noqa: E731
+    assert ad.gradcheck(lambda x: ad.jacobian(g, mode="fwd")(x).sum(), rng.standard_normal(3))
+    assert ad.gradcheck(lambda x: ad.jacobian(g, mode="rev")(x).sum(), rng.standard_normal(3))

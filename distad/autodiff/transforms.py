@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .engine import STATE, Primitive, Tensor, apply, backprop, live_tangent
+from .ops import reshape, stack
 
 __all__ = ["grad", "value_and_grad", "vjp", "jvp", "hvp", "jacobian", "hessian"]
 
@@ -292,6 +293,9 @@ def jacobian(f: Callable, argnums: int = 0, mode: str = "rev"):
     mode="rev" builds it row by row from one recorded forward pass and one VJP
     per output element (best for wide functions, few outputs); mode="fwd"
     column by column, one JVP per input element (best for tall functions).
+    Nests like the other transforms (inside one, the rows or columns are stacked
+    with recorded ops): `jacobian(jacobian(f, mode="fwd"), mode="fwd")` is the
+    Hessian by forward over forward, JAX's jacfwd(jacfwd(f)).
     """
     if mode not in ("rev", "fwd"):
         raise ValueError(f"jacobian: mode must be 'rev' or 'fwd', got {mode!r}")
@@ -300,25 +304,33 @@ def jacobian(f: Callable, argnums: int = 0, mode: str = "rev"):
         i = _argnums(argnums, len(args), "jacobian")[0]
         x = args[i]
         xv = x.data if isinstance(x, Tensor) else np.asarray(x)
+        nested = _Trace.depth > 0 or _is_traced(x)
 
         def fi(xi):
             return f(*args[:i], xi, *args[i + 1:])
 
+        def assemble(parts: list, axis: int, shape: tuple) -> Any:
+            if not nested:
+                return np.stack([p.data if isinstance(p, Tensor) else p for p in parts],
+                                axis=axis).reshape(shape)
+            return reshape(stack([p if isinstance(p, Tensor) else Tensor(p) for p in parts],
+                                 axis=axis), shape)
+
         if mode == "rev":
             out, vjp_fn = vjp(fi, x)
-            outv = out.data if isinstance(out, Tensor) else out
+            outv = out.data if isinstance(out, Tensor) else np.asarray(out)
+            if not outv.size:
+                return _out(Tensor(np.zeros(outv.shape + xv.shape, outv.dtype)), nested)
             eye = np.eye(outv.size, dtype=outv.dtype)
             rows = [vjp_fn(eye[k].reshape(outv.shape))[0] for k in range(outv.size)]
-            rows = [r.data if isinstance(r, Tensor) else r for r in rows]
-            return np.stack(rows).reshape(outv.shape + xv.shape) if rows else \
-                np.zeros(outv.shape + xv.shape, outv.dtype)
+            return assemble(rows, 0, outv.shape + xv.shape)
         eye = np.eye(xv.size, dtype=xv.dtype)
         cols, outv = [], None
         for k in range(xv.size):
             out, t = jvp(fi, (x,), (eye[k].reshape(xv.shape),))
             outv = out.data if isinstance(out, Tensor) else out
             cols.append(t)
-        return np.stack(cols, axis=-1).reshape(np.shape(outv) + xv.shape)
+        return assemble(cols, -1, np.shape(outv) + xv.shape)
 
     return wrapped
 
