@@ -201,3 +201,26 @@ def test_batch_norm_with_a_pipeline_is_refused_with_the_reason():
         from_args(parser().parse_args(["--parallel", "pp", "--norm", "batch"]))
     cfg = from_args(parser().parse_args(["--parallel", "dp,tp", "--norm", "sync"]))
     assert cfg.norm == "sync"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_accumulating_micro_batches_gives_the_same_run(tmp_path, mpiexec, launch_env, ranks):
+    """--accumulate 4 cuts each rank's batch of 16 into 4 micro-batches and synchronises once
+    per step: the same model as one backward per batch, to float32 rounding."""
+    common = ["--epochs", "2", "--batch-size", "16", "--hidden", "32", "--schedule", "none"]
+    runs = {}
+    for acc in (1, 4):
+        out = tmp_path / f"acc{acc}"
+        r = _train([*common, "--accumulate", str(acc), "--out", str(out)], launch_env,
+                   mpiexec if ranks > 1 else None, ranks)
+        assert r.returncode == 0, r.stderr
+        runs[acc] = load_state(out / "model.npz")["model"]
+    for k in runs[1]:
+        np.testing.assert_allclose(runs[4][k], runs[1][k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_accumulate_is_refused_with_model_parallelism():
+    from distad.train.config import from_args, parser
+
+    with pytest.raises(SystemExit, match="--accumulate"):
+        from_args(parser().parse_args(["--parallel", "pp", "--accumulate", "2"]))

@@ -20,6 +20,7 @@ class TrainConfig:
     test_size: float = 0.2
     epochs: int = 10
     batch_size: int = 32         # per rank
+    accumulate: int = 1          # micro-batches per batch, gradients synchronised once
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -72,6 +73,9 @@ HELP = {
     "dp,pp,tp); an axis without a size gets 2, the first of dp, pp, tp the rest; sized specs "
     "like dp=2,pp=2 also work",
     "microbatches": "micro-batches per step (pipeline parallelism)",
+    "accumulate": "cut each rank's batch into this many micro-batches and accumulate their "
+    "gradients, synchronising once per step (less activation memory, the same gradient; "
+    "--parallel dp)",
     "pipeline_schedule": "gpipe or 1f1b (with pp in --parallel)",
     "checkpoint_dir": "write checkpoints here", "checkpoint_every": "steps between checkpoints "
     "(0: every epoch)", "resume": "continue from the newest checkpoint in --checkpoint-dir",
@@ -118,6 +122,9 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.dataset not in ("digits", "synthetic") and not cfg.dataset.endswith(".npz"):
         raise SystemExit(f"distad train: --dataset must be digits, synthetic or a .npz file, "
                          f"got {cfg.dataset!r}")
+    if cfg.accumulate < 1 or (cfg.accumulate > 1 and cfg.parallel != "dp"):
+        raise SystemExit("distad train: --accumulate must be >= 1, and above 1 only with "
+                         "--parallel dp (a pipeline cuts batches with --microbatches)")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
     if cfg.norm != "none" and "pp" in cfg.parallel:

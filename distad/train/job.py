@@ -11,6 +11,7 @@ the same, including across an interruption and `--resume`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -140,6 +141,26 @@ class Metrics:
                 f.write(json.dumps(record) + "\n")
 
 
+def accumulated_backward(dp: DataParallel, xb: np.ndarray, yb: np.ndarray, parts: int,
+                         loss_fn: Any) -> tuple[np.ndarray, float]:
+    """Forward and backward of one batch in `parts` micro-batches: gradients accumulate
+    locally (`no_sync`) and are synchronised once, with the last; each micro-batch's mean loss
+    is weighted by its share of the batch, so the gradient is the whole batch's (BatchNorm
+    aside: its statistics are the micro-batches'). Returns (logits, the batch's mean loss)."""
+    chunks = np.array_split(np.arange(len(yb)), max(1, min(parts, len(yb))))
+    logits, total = [], 0.0
+    for k, idx in enumerate(chunks):
+        with dp.no_sync() if k < len(chunks) - 1 else contextlib.nullcontext():
+            out = dp(xb[idx])
+            loss = loss_fn(out, yb[idx])
+            if len(chunks) > 1:
+                loss = loss * np.asarray(len(idx) / len(yb), dtype=out.dtype)
+            loss.backward()
+        logits.append(out.data)
+        total += float(loss.data)
+    return (logits[0] if len(logits) == 1 else np.concatenate(logits)), total
+
+
 def evaluate(model: ad.nn.Module, X: np.ndarray, y: np.ndarray, comm: Communicator,
              batch: int = 512) -> tuple[float, float]:
     """(mean loss, accuracy) on (X, y), each rank evaluating a disjoint slice; reduced."""
@@ -201,13 +222,11 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
 
                 def closure(xb=xb, yb=yb):
                     opt.zero_grad()
-                    out = dp(xb)
-                    loss = cross_entropy(out, yb)
-                    loss.backward()
+                    closure.logits, closure.loss = accumulated_backward(
+                        dp, xb, yb, cfg.accumulate, cross_entropy)
                     if cfg.clip:
                         ad.optim.clip_grad_norm(params, cfg.clip)
-                    closure.out, closure.loss = out, loss
-                    return float(loss.data)
+                    return closure.loss
 
                 if cfg.optimizer == "lbfgs":
                     opt.step(closure)
@@ -217,8 +236,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                 if sched is not None:
                     sched.step()
                 step += 1
-                local = np.array([float(closure.loss.data) * len(yb),
-                                  float((closure.out.data.argmax(1) == yb).sum()), len(yb)])
+                local = np.array([closure.loss * len(yb),
+                                  float((closure.logits.argmax(1) == yb).sum()), len(yb)])
                 comm.allreduce(local, out=local)
                 t1 = time.perf_counter()
                 dt = t1 - t0
