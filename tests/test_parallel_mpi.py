@@ -302,3 +302,52 @@ def test_join_trains_on_uneven_inputs_like_one_process_and_ends_with_one_model(c
         for a, p in zip(final, ref.parameters()):
             np.testing.assert_allclose(a, p.data, rtol=1e-5, atol=1e-6)
     dp.close()
+
+
+@pytest.mark.parametrize("optimizer,kwargs", [(ad.optim.Adam, {"lr": 1e-2}),
+                                              (ad.optim.SGD, {"lr": 0.1, "momentum": 0.9})])
+def test_zero_redundancy_optimizer_is_bitwise_the_unsharded_optimizer(comm, optimizer, kwargs):
+    """ZeRO stage 1: each rank keeps the state of its shard only, and after every step every
+    rank holds exactly the parameters of DataParallel with the plain optimizer (a cosine
+    schedule on the wrapper reaches the shards' optimizers)."""
+    X, y = global_batch(8 * comm.size)
+    runs = []
+    for sharded in (False, True):
+        model = make_model(hidden=24)
+        dp = ad.parallel.DataParallel(model, comm)
+        opt = (ad.parallel.ZeroRedundancyOptimizer(model.parameters(), optimizer, comm, **kwargs)
+               if sharded else optimizer(model.parameters(), **kwargs))
+        sched = ad.optim.CosineAnnealingLR(opt, T_max=6)
+        for _ in range(6):
+            opt.zero_grad()
+            ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+            opt.step()
+            sched.step()
+        runs.append([p.data.copy() for p in model.parameters()])
+        if sharded:
+            mine = opt.shard
+            assert opt.local is None or set(map(id, opt.local.state)) == set(map(id, mine))
+            counts = comm.allgather(np.array([sum(p.size for p in mine)])).ravel()
+            assert counts.sum() == sum(p.size for p in model.parameters())
+            assert counts.max() < counts.sum()        # the state really is split
+        dp.close()
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_zero_redundancy_optimizer_state_dict_resumes_its_own_shard_only(comm):
+    model = make_model()
+    opt = ad.parallel.ZeroRedundancyOptimizer(model.parameters(), ad.optim.Adam, comm, lr=1e-2)
+    for p in model.parameters():
+        p.grad = np.ones_like(p.data)
+    opt.step()
+    state = opt.state_dict()
+    again = ad.parallel.ZeroRedundancyOptimizer(model.parameters(), ad.optim.Adam, comm, lr=1e-2)
+    again.load_state_dict(state)
+    if opt.local is not None:
+        for p in opt.shard:
+            np.testing.assert_array_equal(again.local.state[p]["exp_avg"],
+                                          opt.local.state[p]["exp_avg"])
+    wrong = {**state, "rank": (comm.rank + 1) % comm.size}
+    with pytest.raises(ValueError, match="shard"):
+        again.load_state_dict(wrong)

@@ -107,7 +107,8 @@ def _train(args, env, mpiexec=None, ranks=1, timeout=240):
                                               (4, "none", ("--parallel", "pp,tp",
                                                            "--microbatches", "2")),
                                               (4, "none", ("--parallel", "dp,tp",
-                                                           "--norm", "sync"))])
+                                                           "--norm", "sync")),
+                                              (2, "none", ("--zero", "--optimizer", "adam"))])
 def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
         tmp_path, mpiexec, launch_env, ranks, spec, extra):
     """Compressed runs included: error-feedback residuals, PowerSGD's Q and the compressor's
@@ -224,3 +225,17 @@ def test_accumulate_is_refused_with_model_parallelism():
 
     with pytest.raises(SystemExit, match="--accumulate"):
         from_args(parser().parse_args(["--parallel", "pp", "--accumulate", "2"]))
+
+
+def test_zero_sharded_optimizer_state_gives_the_same_run_bit_for_bit(tmp_path, mpiexec,
+                                                                     launch_env):
+    common = ["--epochs", "2", "--batch-size", "16", "--hidden", "32", "--optimizer", "adam",
+              "--lr", "0.01"]
+    models = []
+    for extra in ((), ("--zero",)):
+        out = tmp_path / ("zero" if extra else "plain")
+        r = _train([*common, *extra, "--out", str(out)], launch_env, mpiexec, 2)
+        assert r.returncode == 0, r.stderr
+        models.append(load_state(out / "model.npz")["model"])
+    for k in models[0]:
+        np.testing.assert_array_equal(models[1][k], models[0][k], err_msg=k)

@@ -14,9 +14,10 @@ from .tensor_parallel import (
     tensor_parallel,
     tensor_parallel_state_dict,
 )
+from .zero import ZeroRedundancyOptimizer
 
 __all__ = ["DataParallel", "StepStats", "value_and_grad", "AllreduceMean", "GradientSync",
            "make_sync", "SyncBatchNorm"]
 __all__ += ["PipelineParallel", "partition_by_parameters", "pipeline_schedule", "Grid", "grid",
             "ColumnParallelLinear", "RowParallelLinear", "ShardedBatchNorm", "TensorParallelMLP",
-            "tensor_parallel", "tensor_parallel_state_dict"]
+            "tensor_parallel", "tensor_parallel_state_dict", "ZeroRedundancyOptimizer"]

@@ -22,6 +22,7 @@ class TrainConfig:
     batch_size: int = 32         # per rank
     accumulate: int = 1          # micro-batches per batch, gradients synchronised once
     optimizer: str = "sgd"
+    zero: bool = False           # shard the optimizer state over the ranks (ZeRO stage 1)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -65,7 +66,10 @@ HELP = {
     "samples": "size of the synthetic data set", "features": "width of the synthetic data set",
     "classes": "classes of the synthetic data set", "test_size": "held-out fraction",
     "batch_size": "samples per rank per step (global batch = ranks x this)",
-    "optimizer": "sgd, adam, adamw or lbfgs", "schedule": "none, step or cosine (per step)",
+    "optimizer": "sgd, adam, adamw or lbfgs",
+    "zero": "shard the optimizer state over the ranks, each updating its shard of the "
+    "parameters (ZeRO stage 1: Adam's moments take 1/ranks of the memory; the same run bit "
+    "for bit; --parallel dp, not lbfgs)", "schedule": "none, step or cosine (per step)",
     "clip": "clip the global gradient norm to this (0: off)",
     "compress": "gradient compression spec, e.g. none, fp16, topk:0.01+ef, powersgd:2+ef",
     "parallel": "dp (data parallel), pp (pipeline: one stage per rank), tp (tensor-parallel "
@@ -125,6 +129,8 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.accumulate < 1 or (cfg.accumulate > 1 and cfg.parallel != "dp"):
         raise SystemExit("distad train: --accumulate must be >= 1, and above 1 only with "
                          "--parallel dp (a pipeline cuts batches with --microbatches)")
+    if cfg.zero and (cfg.parallel != "dp" or cfg.optimizer == "lbfgs"):
+        raise SystemExit("distad train: --zero works with --parallel dp and sgd, adam or adamw")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
     if cfg.norm != "none" and "pp" in cfg.parallel:

@@ -101,16 +101,23 @@ def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int,
         nn.Linear(64, n_classes, rng=rng))
 
 
-def make_optimizer(cfg: TrainConfig, params: list) -> ad.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params: list,
+                   comm: Communicator | None = None) -> ad.optim.Optimizer:
+    """The --optimizer over `params`; with --zero, its state sharded over `comm`'s ranks."""
     o = ad.optim
     if cfg.optimizer == "sgd":
-        return o.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return o.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return o.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay or 1e-2)
-    return o.LBFGS(params, lr=cfg.lr, max_iter=5, history_size=10,
-                   line_search_fn="strong_wolfe")
+        cls, kw = o.SGD, {"lr": cfg.lr, "momentum": cfg.momentum,
+                          "weight_decay": cfg.weight_decay}
+    elif cfg.optimizer == "adam":
+        cls, kw = o.Adam, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    elif cfg.optimizer == "adamw":
+        cls, kw = o.AdamW, {"lr": cfg.lr, "weight_decay": cfg.weight_decay or 1e-2}
+    else:
+        return o.LBFGS(params, lr=cfg.lr, max_iter=5, history_size=10,
+                       line_search_fn="strong_wolfe")
+    if cfg.zero:
+        return ad.parallel.ZeroRedundancyOptimizer(params, cls, comm, **kw)
+    return cls(params, **kw)
 
 
 def make_schedule(cfg: TrainConfig, opt: ad.optim.Optimizer, total_steps: int):
@@ -197,7 +204,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    opt = make_optimizer(cfg, list(model.parameters()))
+    opt = make_optimizer(cfg, list(model.parameters()), comm)
     sched = make_schedule(cfg, opt, total_steps)
     step = 0
     if cfg.resume:
@@ -301,7 +308,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
 
 #: Settings a checkpoint must share with the run that resumes it.
 RESUME_KEYS = ("model", "hidden", "dataset", "samples", "features", "classes", "batch_size",
-               "optimizer", "compress", "seed", "test_size")
+               "optimizer", "compress", "seed", "test_size", "zero")
 
 
 def _identity(cfg: TrainConfig, comm: Communicator) -> dict[str, Any]:
@@ -314,9 +321,12 @@ def save(cfg: TrainConfig, comm: Communicator, step: int, model, opt, sched, dp)
     d = ckpt.step_dir(cfg.checkpoint_dir, step)
     state: dict[str, Any] = {"step": step, "identity": _identity(cfg, comm),
                              "sync": dp.sync_state_dict()}
+    if cfg.zero:  # every rank's shard of the optimizer state
+        state["optimizer"] = opt.state_dict()
     if comm.rank == 0:
-        state.update(model=model.state_dict(), optimizer=opt.state_dict(),
+        state.update(model=model.state_dict(),
                      scheduler=sched.state_dict() if sched is not None else {})
+        state.setdefault("optimizer", opt.state_dict())
     ckpt.save_state(ckpt.rank_file(d, comm.rank), state)
     comm.barrier()
     if comm.rank == 0:
@@ -333,7 +343,7 @@ def restore(cfg: TrainConfig, comm: Communicator, model, opt, sched, dp) -> int:
     mine = shared if comm.rank == 0 else ckpt.load_state(ckpt.rank_file(d, comm.rank))
     ckpt.check_identity(d, shared["identity"], _identity(cfg, comm))
     model.load_state_dict(shared["model"])
-    opt.load_state_dict(shared["optimizer"])
+    opt.load_state_dict((mine if cfg.zero else shared)["optimizer"])
     if sched is not None:
         sched.load_state_dict(shared["scheduler"])
     dp.load_sync_state_dict(mine["sync"])
