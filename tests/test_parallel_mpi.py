@@ -351,3 +351,49 @@ def test_zero_redundancy_optimizer_state_dict_resumes_its_own_shard_only(comm):
     wrong = {**state, "rank": (comm.rank + 1) % comm.size}
     with pytest.raises(ValueError, match="shard"):
         again.load_state_dict(wrong)
+
+
+def test_weight_gradients_are_written_into_the_buckets_with_the_same_result(comm, monkeypatch):
+    """gradient_as_bucket_view: backward writes each Linear weight's gradient, pre-divided,
+    straight into its bucket slot; the gradients are bit for bit those of the copying path
+    (1/P is a power of two here), not under no_sync, and not for a weight used twice."""
+    from distad.nn.primitives import linear_p
+
+    calls = []
+    rule = linear_p.vjp_into[1]
+    monkeypatch.setitem(linear_p.vjp_into, 1, lambda *a: calls.append(1) or rule(*a))
+    X, y = global_batch(8 * comm.size)
+    results = []
+    for into in (True, False):
+        model = make_model()
+        dp = ad.parallel.DataParallel(model, comm, first_bucket_mb=0.001, bucket_mb=0.002)
+        if not into:
+            for p in model.parameters():
+                p.grad_buffer = None
+        calls.clear()
+        ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+        assert (len(calls) == 3) == into              # the three Linear weights
+        results.append(grads_of(model))
+        if into:
+            model.zero_grad()
+            calls.clear()
+            with dp.no_sync():                        # local accumulation: fresh arrays
+                ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+            assert not calls
+            dp.close()
+            assert all(p.grad_buffer is None for p in model.parameters())
+        else:
+            dp.close()
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_weight_used_twice_gets_both_uses_through_the_bucket(comm):
+    lin = ad.nn.Linear(6, 6, rng=0)
+    dp = ad.parallel.DataParallel(lin, comm)
+    x = np.ones((2, 6), np.float32)
+    (dp(dp(x)) ** 2).sum().backward()
+    ref = ad.nn.Linear(6, 6, rng=0)
+    (ref(ref(x)) ** 2).sum().backward()
+    np.testing.assert_allclose(lin.weight.grad, ref.weight.grad, rtol=1e-5)
+    dp.close()

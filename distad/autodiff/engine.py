@@ -140,6 +140,12 @@ class Primitive:
     Rules are written with operators and distad ops, so they run on numpy
     arrays (first order) and on Tensors (higher order) alike.
 
+    `vjp_into` (optional, {input: rule}) writes a cotangent straight into a
+    leaf's gradient buffer: `rule(out, scale, g, y, *inputs, **kw)` stores
+    scale times what `vjp[i]` returns into `out`; the walk uses it for a leaf
+    whose `grad_buffer()` offers one (DataParallel's buckets), saving the
+    fresh array and its copy.
+
     `blocking=True` marks a primitive whose VJP waits on another rank (the
     backward of a send receives the cotangent): backward runs such vertices
     only when nothing else is ready, so every rank first posts the messages
@@ -153,7 +159,7 @@ class Primitive:
     Tensor input it returns a Tensor and records when a gradient is needed.
     """
 
-    __slots__ = ("name", "fwd", "vjp", "jvp", "residual", "blocking", "__name__")
+    __slots__ = ("name", "fwd", "vjp", "jvp", "residual", "blocking", "vjp_into", "__name__")
 
     def __init__(
         self,
@@ -163,8 +169,10 @@ class Primitive:
         jvp: Sequence[Callable] | Callable | None = None,
         residual: bool = False,
         blocking: bool = False,
+        vjp_into: dict[int, Callable] | None = None,
     ) -> None:
         self.name = self.__name__ = name
+        self.vjp_into = vjp_into
         self.fwd = fwd
         self.residual = residual
         self.blocking = blocking
@@ -197,7 +205,7 @@ class Tensor:
     """
 
     __slots__ = ("data", "grad", "requires_grad", "_prim", "_inputs", "_vals", "_kw", "_edges",
-                 "_hooks", "_tangent", "_origin", "_version", "__weakref__")
+                 "_hooks", "_tangent", "_origin", "_version", "grad_buffer", "__weakref__")
     __array_priority__ = 1000  # ndarray <op> Tensor defers to Tensor's reflected operator
 
     def __init__(self, data: Any, requires_grad: bool = False) -> None:
@@ -213,6 +221,9 @@ class Tensor:
         self._tangent = None
         self._origin = None
         self._version = 0
+        # A leaf's offer of where its next gradient may be written: a callable returning
+        # (array, scale) or None (DataParallel sets it; see Primitive.vjp_into).
+        self.grad_buffer = None
 
     # ---- array-like attributes -------------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -339,7 +350,7 @@ def apply(prim: Primitive, args: tuple, kw: dict) -> Tensor:
         y, res = y
     out = Tensor.__new__(Tensor)
     out.data = y
-    out.grad = out._hooks = out._tangent = out._origin = None
+    out.grad = out._hooks = out._tangent = out._origin = out.grad_buffer = None
     out._version = 0
     if edges is None:
         out.requires_grad = False
@@ -551,7 +562,15 @@ def backprop(root: Tensor, grad: Any = None, *, inputs: Sequence[Tensor] | None 
             for i, a, version in v._edges:
                 if a._version != version:
                     raise RuntimeError(_modified_message(prim, v, i, a))
-                gi = vjps[i](g, y, *vals, **kw) if kw else vjps[i](g, y, *vals)
+                buffer = None
+                if (a.grad_buffer is not None and prim.vjp_into is not None and i in prim.vjp_into
+                        and stop is None and not create_graph and pending[a] == 1
+                        and a not in grads):
+                    buffer = a.grad_buffer()  # this is the leaf's whole gradient: write it there
+                if buffer is not None:
+                    gi = prim.vjp_into[i](*buffer, g, y, *vals, **kw)
+                else:
+                    gi = vjps[i](g, y, *vals, **kw) if kw else vjps[i](g, y, *vals)
                 if anomaly:
                     _check_backward(prim, v, gi)
                 prev = grads.get(a)

@@ -38,6 +38,11 @@ class Bucket:
     def nbytes(self) -> int:
         return self.buffer.nbytes
 
+    def slot(self, k: int) -> np.ndarray:
+        """A new writable view of parameter k's slot, shaped like the parameter."""
+        v = self.views[k]
+        return self.buffer[self.offsets[k]:self.offsets[k] + v.size].reshape(v.shape)
+
     def reset(self) -> None:
         """Mark every slot as waiting for its gradient (start of a step)."""
         self.ready[:] = False

@@ -54,6 +54,15 @@ def _linear_fwd(x, w, b):
     return y
 
 
+def _weight_grad_into(out, scale, g, x, w):
+    """out = scale * g^T x, the weight's gradient written where the caller wants it: the
+    scale goes on the small (out, batch) factor, not on the (out, in) product."""
+    gt = _rows(g, w.shape[0]).T
+    if scale != 1:
+        gt = gt * np.asarray(scale, dtype=gt.dtype)
+    return np.matmul(gt, _rows(x, w.shape[1]), out=out)
+
+
 def _rows(a, n: int):
     """a as a matrix of rows of length n (the batch axes flattened)."""
     return a.reshape(-1, n)
@@ -315,6 +324,7 @@ linear_p = Primitive("linear", _linear_fwd,
     vjp=(lambda g, y, x, w, b: g @ w,
          lambda g, y, x, w, b: _rows(g, w.shape[0]).T @ _rows(x, w.shape[1]),
          lambda g, y, x, w, b: _rows(g, w.shape[0]).sum(0)),
+    vjp_into={1: lambda out, scale, g, y, x, w, b: _weight_grad_into(out, scale, g, x, w)},
     jvp=(lambda t, y, x, w, b: t @ w.T,
          lambda t, y, x, w, b: x @ t.T,
          lambda t, y, x, w, b: broadcast_to(t, y.shape)))

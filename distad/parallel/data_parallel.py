@@ -106,6 +106,7 @@ class DataParallel(Module):
         for b in buckets:
             for k, p in enumerate(b.params):
                 p.register_hook(self._hook(b, k))
+                p.grad_buffer = self._grad_buffer(b, k)
 
     # ---- set-up --------------------------------------------------------------------------
 
@@ -228,6 +229,19 @@ class DataParallel(Module):
 
         return hook
 
+    def _grad_buffer(self, bucket: Bucket, k: int):
+        """Where backward may write parameter k's gradient (PyTorch's gradient_as_bucket_view):
+        its slot in the bucket, pre-divided, when this backward synchronises and nothing has
+        accumulated in `.grad` (otherwise None, and the hook copies as usual). A weight's
+        gradient then goes from the matrix product straight into the bucket, without a fresh
+        array and a copy of it (see Primitive.vjp_into)."""
+        def offer() -> tuple[np.ndarray, Any] | None:
+            if not self._sync_enabled or bucket.params[k].grad is not None or bucket.ready[k]:
+                return None
+            return bucket.slot(k), self.sync.prescale
+
+        return offer
+
     def _arm(self) -> None:
         object.__setattr__(self, "_armed", True)
         object.__setattr__(self, "_t0", time.perf_counter())
@@ -237,7 +251,8 @@ class DataParallel(Module):
         param = bucket.params[k]
         view = bucket.views[k]
         if param.grad is None:  # copy and pre-divide in one pass (see GradientSync.prescale)
-            np.multiply(g, self.sync.prescale, out=view)
+            if not np.may_share_memory(g, bucket.buffer):  # else backward wrote it there
+                np.multiply(g, self.sync.prescale, out=view)
         else:  # gradients accumulated under no_sync() are part of this synchronisation
             np.add(param.grad, g, out=view)
             view *= self.sync.prescale
@@ -335,7 +350,11 @@ class DataParallel(Module):
         self.sync.load_state_dict(state)
 
     def close(self) -> None:
-        """Stop the communication thread (also done at interpreter exit)."""
+        """Stop the communication thread (also done at interpreter exit); the parameters'
+        gradients go back to fresh arrays."""
+        for b in self.buckets:
+            for p in b.params:
+                p.grad_buffer = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
