@@ -397,3 +397,21 @@ def test_a_weight_used_twice_gets_both_uses_through_the_bucket(comm):
     (ref(ref(x)) ** 2).sum().backward()
     np.testing.assert_allclose(lin.weight.grad, ref.weight.grad, rtol=1e-5)
     dp.close()
+
+
+def test_a_hook_of_its_own_keeps_a_parameters_gradient_out_of_the_bucket_path(comm):
+    """A user hook on a wrapped parameter sees the rank's own gradient (not one already
+    divided by P in the bucket), and what it returns is what gets averaged."""
+    X, y = global_batch(8 * comm.size)
+    model = make_model()
+    seen = []
+    w = model[0].weight
+    w.register_hook(lambda g: seen.append(np.array(g)) or g * 2)  # before wrapping
+    dp = ad.parallel.DataParallel(model, comm)
+    ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+    ref = make_model()
+    ad.nn.functional.cross_entropy(ref(shard(X, comm)), shard(y, comm)).backward()
+    np.testing.assert_allclose(seen[0], ref[0].weight.grad, rtol=1e-5, atol=1e-7)
+    mean = comm.allreduce(np.array(ref[0].weight.grad * 2)) / comm.size
+    np.testing.assert_allclose(w.grad, mean, rtol=1e-5, atol=1e-7)
+    dp.close()

@@ -231,12 +231,16 @@ class DataParallel(Module):
 
     def _grad_buffer(self, bucket: Bucket, k: int):
         """Where backward may write parameter k's gradient (PyTorch's gradient_as_bucket_view):
-        its slot in the bucket, pre-divided, when this backward synchronises and nothing has
-        accumulated in `.grad` (otherwise None, and the hook copies as usual). A weight's
-        gradient then goes from the matrix product straight into the bucket, without a fresh
-        array and a copy of it (see Primitive.vjp_into)."""
+        its slot in the bucket, pre-divided, when this backward synchronises, nothing has
+        accumulated in `.grad` and no other hook would see the gradient (otherwise None, and
+        the hook copies as usual). A weight's gradient then goes from the matrix product
+        straight into the bucket, without a fresh array and a copy of it (see
+        Primitive.vjp_into)."""
+        param = bucket.params[k]
+
         def offer() -> tuple[np.ndarray, Any] | None:
-            if not self._sync_enabled or bucket.params[k].grad is not None or bucket.ready[k]:
+            if (not self._sync_enabled or param.grad is not None or bucket.ready[k]
+                    or len(param._hooks) != 1):
                 return None
             return bucket.slot(k), self.sync.prescale
 
