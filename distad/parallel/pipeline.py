@@ -284,23 +284,30 @@ class PipelineParallel(Module):
         object.__setattr__(self, "last_output", None)
         return out
 
-    def full_state_dict(self) -> dict[str, np.ndarray] | None:
+    def full_state_dict(self, stage_state: Mapping[str, np.ndarray] | None = None,
+                        layout: Mapping[str, tuple[tuple[int, ...], Any]] | None = None
+                        ) -> dict[str, np.ndarray] | None:
         """The whole model's state dict, gathered on the first stage (None on the others).
 
-        Keys and order are those of the full Sequential's `state_dict()`.
-        Collective over the pipeline.
+        Keys and order are those of the full Sequential's `state_dict()`. Each stage sends
+        its own entries, or `stage_state` if given (e.g. its tensor-parallel shards gathered
+        into whole arrays), whose (shape, dtype) per key `layout` then gives for the whole
+        model. Collective over the pipeline.
         """
         comm = self._comm
-        mine = dict(self.stage_module._state_items())
+        mine = stage_state if stage_state is not None else {
+            name: t.data for name, t in self.stage_module._state_items()}
         if not self.is_first:
             for name, _, _, owner in self._all_params:
                 if owner == self.stage:
-                    comm.send(np.ascontiguousarray(mine[name].data), 0, _STATE_TAG)
+                    comm.send(np.ascontiguousarray(mine[name]), 0, _STATE_TAG)
             return None
         out = {}
         for name, shape, dtype, owner in self._all_params:
+            if layout is not None:
+                shape, dtype = layout[name]
             if owner == 0:
-                out[name] = mine[name].data.copy()
+                out[name] = np.array(mine[name], copy=True)
             else:
                 out[name] = comm.recv(np.empty(shape, dtype=dtype), owner, _STATE_TAG)
         return out

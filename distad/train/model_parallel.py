@@ -59,7 +59,6 @@ from .loop import (
 __all__ = ["parse_parallel", "run_model_parallel"]
 
 AXES = ("dp", "pp", "tp")
-_STATE_TAG = 7301  # gathering the model's stages at the end of the job
 
 
 def parse_parallel(spec: str, world_size: int) -> dict[str, int]:
@@ -167,8 +166,9 @@ class _Parts:
 
     def full_state_dict(self) -> dict[str, np.ndarray] | None:
         """The whole model's state dict on world rank 0 (None elsewhere). Collective."""
-        if self.pipe is not None and self.g.tp_size > 1:
-            sd = self._gather_stages(tensor_parallel_state_dict(self.pipe.stage_module))
+        if self.pipe is not None and self.g.tp_size > 1:  # each stage's shards made whole first
+            sd = self.pipe.full_state_dict(tensor_parallel_state_dict(self.pipe.stage_module),
+                                           self.full_layout)
         elif self.pipe is not None:
             sd = self.pipe.full_state_dict()
         elif self.g.tp_size > 1:
@@ -176,24 +176,6 @@ class _Parts:
         else:
             sd = self.module.state_dict()
         return sd if self.g.world.rank == 0 else None
-
-    def _gather_stages(self, stage_state: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-        """Every stage's unsplit state (each tp group holds its stage's) on world rank 0, in the
-        whole model's key order: tp rank 0 of each stage sends it along its pipeline."""
-        g, pipe = self.g, self.pipe
-        if g.tp_rank != 0 or g.dp_rank != 0:
-            return None
-        if g.pp_rank != 0:
-            for name in stage_state:
-                g.pp.send(np.ascontiguousarray(stage_state[name]), 0, _STATE_TAG)
-            return None
-        out = {}
-        for name, (shape, dtype) in self.full_layout.items():
-            owner = next(s for s, (lo, hi) in enumerate(pipe.partition)
-                         if lo <= int(name.split(".")[0]) < hi)
-            out[name] = (stage_state[name] if owner == 0 else
-                         g.pp.recv(np.empty(shape, dtype), owner, _STATE_TAG))
-        return out
 
     def close(self) -> None:
         if self.pipe is not None:
