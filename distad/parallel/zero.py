@@ -56,9 +56,10 @@ class ZeroRedundancyOptimizer(Optimizer):
         self.owner = np.minimum(starts * size // max(total, 1), size - 1)
         counts = np.bincount(self.owner, minlength=size)
         self._flat = flat
-        local_groups, self._group_index = [], []
         start = int(np.sum(counts[:rank]))
-        own = {id(p) for p in flat[start:start + counts[rank]]}
+        self._shard = flat[start:start + counts[rank]]
+        own = {id(p) for p in self._shard}
+        local_groups, self._group_index = [], []
         for i, g in enumerate(self.param_groups):
             mine = [p for p in g["params"] if id(p) in own]
             if mine:
@@ -70,7 +71,7 @@ class ZeroRedundancyOptimizer(Optimizer):
     @property
     def shard(self) -> list[Tensor]:
         """The parameters this rank updates (and keeps the optimizer state of)."""
-        return [p for p, r in zip(self._flat, self.owner) if r == self.comm.rank]
+        return list(self._shard)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update this rank's shard, then give every rank every parameter. Collective."""
@@ -82,7 +83,7 @@ class ZeroRedundancyOptimizer(Optimizer):
             for i, lg in zip(self._group_index, self.local.param_groups):
                 lg.update({k: v for k, v in self.param_groups[i].items() if k != "params"})
             self.local.step()
-        mine = self.shard
+        mine = self._shard
         send = (np.concatenate([p.data.ravel() for p in mine]) if mine
                 else np.empty(0, self._flat[0].dtype))
         full = self.comm.allgatherv(send, concat=True)

@@ -321,12 +321,11 @@ def save(cfg: TrainConfig, comm: Communicator, step: int, model, opt, sched, dp)
     d = ckpt.step_dir(cfg.checkpoint_dir, step)
     state: dict[str, Any] = {"step": step, "identity": _identity(cfg, comm),
                              "sync": dp.sync_state_dict()}
-    if cfg.zero:  # every rank's shard of the optimizer state
+    if cfg.zero or comm.rank == 0:  # with --zero, every rank has a shard of the optimizer
         state["optimizer"] = opt.state_dict()
     if comm.rank == 0:
         state.update(model=model.state_dict(),
                      scheduler=sched.state_dict() if sched is not None else {})
-        state.setdefault("optimizer", opt.state_dict())
     ckpt.save_state(ckpt.rank_file(d, comm.rank), state)
     comm.barrier()
     if comm.rank == 0:
