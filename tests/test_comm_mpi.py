@@ -135,6 +135,25 @@ def test_reduce_scatter_gives_each_rank_its_chunk_of_the_sum(comm, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_reduce_scatterv_gives_each_rank_its_piece_of_the_sum_pieces_of_any_length(comm, dtype):
+    counts = [(3 * r + 1) % 5 for r in range(comm.size)]  # uneven, rank 1 of 4 gets none
+    n = sum(counts)
+    got = comm.reduce_scatterv(rank_data(comm.rank, dtype, (n,)), counts)
+    total = all_data(comm.size, dtype, (n,)).sum(0)
+    start = sum(counts[:comm.rank])
+    assert got.shape == (counts[comm.rank],) and got.dtype == dtype
+    np.testing.assert_allclose(got, total[start:start + counts[comm.rank]], **tol(dtype))
+
+
+def test_reduce_scatterv_refuses_counts_that_do_not_cover_the_array(comm):
+    x = np.ones(4 * comm.size, np.float32)
+    with pytest.raises(ValueError, match=r"reduce_scatterv: .*counts \[1"):
+        comm.reduce_scatterv(x, [1] * comm.size)
+    with pytest.raises(ValueError, match="overlaps"):
+        comm.reduce_scatterv(x, [4] * comm.size, out=x[:4])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_ring_of_point_to_point_messages(comm, dtype):
     right, left = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
     req = comm.isend(rank_data(comm.rank, dtype), dest=right, tag=11)

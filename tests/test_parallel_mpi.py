@@ -345,12 +345,77 @@ def test_zero_redundancy_optimizer_state_dict_resumes_its_own_shard_only(comm):
     again = ad.parallel.ZeroRedundancyOptimizer(model.parameters(), ad.optim.Adam, comm, lr=1e-2)
     again.load_state_dict(state)
     if opt.local is not None:
-        for p in opt.shard:
-            np.testing.assert_array_equal(again.local.state[p]["exp_avg"],
+        for p, q in zip(opt.shard, again.shard):
+            np.testing.assert_array_equal(again.local.state[q]["exp_avg"],
                                           opt.local.state[p]["exp_avg"])
     wrong = {**state, "rank": (comm.rank + 1) % comm.size}
     with pytest.raises(ValueError, match="shard"):
         again.load_state_dict(wrong)
+
+
+def test_zero_with_reduce_scattered_gradients_trains_like_the_unsharded_optimizer(comm):
+    """ZeRO stage 2's exchange: each bucket is reduce-scattered, a rank's own elements receive
+    the averaged gradients (parameters without any have None), clipping sees the global norm,
+    and the run equals DataParallel with the plain optimizer: bit for bit at 2 ranks, where a
+    sum of two is the same in any order, to rounding at more (the reduce-scatter adds in its
+    own order), the clipping norm to rounding (a cut parameter's sum is two sums). Every
+    rank ends with the same parameters bit for bit."""
+    X, y = global_batch(8 * comm.size)
+    runs, norms = [], []
+    for sharded in (False, True):
+        model = make_model(hidden=24)
+        dp = ad.parallel.DataParallel(model, comm, first_bucket_mb=0.001, bucket_mb=0.003)
+        assert len(dp.buckets) > 1
+        params = list(model.parameters())
+        opt = (ad.parallel.ZeroRedundancyOptimizer(params, ad.optim.SGD, comm, lr=0.1,
+                                                   momentum=0.9, data_parallel=dp)
+               if sharded else ad.optim.SGD(params, lr=0.1, momentum=0.9))
+        steps = []
+        for _ in range(4):
+            opt.zero_grad()
+            ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+            steps.append([None if p.grad is None else p.grad.copy() for p in params])
+            norms.append(opt.clip_grad_norm(0.5) if sharded
+                         else ad.optim.clip_grad_norm(params, 0.5))
+            opt.step()
+        runs.append((steps, [p.data.copy() for p in params]))
+        if sharded:  # rank r owns elements [bounds[r], bounds[r+1]) of the flat parameters
+            lo, hi = opt.bounds[comm.rank], opt.bounds[comm.rank + 1]
+            starts = np.cumsum([0] + [p.size for p in params])
+            mine = [slice(max(lo - s, 0), max(min(hi - s, p.size), 0))
+                    for p, s in zip(params, starts)]
+            assert [g is not None for g in steps[-1]] == [m.stop > m.start for m in mine]
+            assert any(g is None for g in steps[-1])  # the gradients really are sharded
+            assert sum(piece.size for piece in opt.shard) == hi - lo
+        dp.close()
+    exact = comm.size == 2
+    (plain_steps, plain), (zero_steps, zero) = runs
+    for plain_grads, zero_grads in zip(plain_steps, zero_steps):
+        for a, b, m in zip(plain_grads, zero_grads, mine):
+            if b is not None:
+                np.testing.assert_allclose(b.ravel()[m], a.ravel()[m],
+                                           rtol=0 if exact else 1e-5, atol=0 if exact else 1e-7)
+    np.testing.assert_allclose(norms[4:], norms[:4], rtol=1e-6)
+    for a, b in zip(plain, zero):
+        np.testing.assert_allclose(b, a, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
+        everyone = comm.allgather(b)
+        assert (everyone == everyone[0]).all()
+
+
+def test_reduce_scattered_gradients_need_exact_averaging_and_the_same_parameters(comm):
+    model = make_model()
+    dp = ad.parallel.DataParallel(model, comm, compressor="topk:0.5")
+    with pytest.raises(ValueError, match="shard_gradients: needs exact averaging.*topk"):
+        ad.parallel.ZeroRedundancyOptimizer(model.parameters(), ad.optim.SGD, comm, lr=0.1,
+                                            data_parallel=dp)
+    dp.close()
+    dp = ad.parallel.DataParallel(model, comm)
+    with pytest.raises(ValueError, match="exactly the parameters given, in the same order"):
+        ad.parallel.ZeroRedundancyOptimizer(list(model.parameters())[::-1], ad.optim.SGD, comm,
+                                            lr=0.1, data_parallel=dp)
+    with pytest.raises(ValueError, match="non-decreasing element bounds from 0 to"):
+        dp.shard_gradients([0] * (comm.size + 1))
+    dp.close()
 
 
 def test_weight_gradients_are_written_into_the_buckets_with_the_same_result(comm, monkeypatch):

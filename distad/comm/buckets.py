@@ -4,7 +4,10 @@ One collective per bucket instead of one per parameter is what makes gradient
 synchronisation cost about one Allreduce of the whole model (Horovod's tensor
 fusion, PyTorch DDP's buckets). Buckets are filled in reverse parameter order,
 the order in which backward produces gradients, with a small first bucket so
-communication starts early, then buckets of up to `cap_mb`.
+communication starts early, then buckets of up to `cap_mb`. Inside a bucket the
+parameters lie in model order, so that a sharding of the parameters into contiguous runs
+(ZeRO) gives each rank one contiguous piece of every bucket, in rank order: what a
+reduce-scatter delivers.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ def plan_buckets(params: Sequence, cap_mb: float = 25.0, first_mb: float = 1.0) 
     Each bucket holds parameters of one dtype; a bucket closes when adding the
     next parameter would exceed its capacity (`first_mb` for the first bucket,
     `cap_mb` after), or when the dtype changes. A parameter larger than the
-    cap gets a bucket of its own.
+    cap gets a bucket of its own. Within a bucket, parameters (and their slots) are in
+    model order.
     """
     if cap_mb <= 0 or first_mb <= 0:
         raise ValueError(f"plan_buckets: capacities must be positive, got cap_mb={cap_mb}, "
@@ -84,6 +88,7 @@ def plan_buckets(params: Sequence, cap_mb: float = 25.0, first_mb: float = 1.0) 
         size = nbytes
     buckets = []
     for i, group in enumerate(groups):
+        group.reverse()
         sizes = [p.data.size for p in group]
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         buffer = np.zeros(int(sum(sizes)), dtype=group[0].dtype)

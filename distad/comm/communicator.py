@@ -18,6 +18,7 @@ import hashlib
 import math
 import os
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -304,6 +305,32 @@ class Communicator:
             self._comm.Reduce_scatter_block(a, out, mpi_op)
         except MPI.Exception as exc:
             raise _comm_error("reduce_scatter", self, a, exc) from exc
+        return out
+
+    def reduce_scatterv(self, array: ArrayLike, counts: Sequence[int], op: str = "sum",
+                        out: np.ndarray | None = None) -> np.ndarray:
+        """Reduce a flat array across ranks and scatter consecutive pieces of given lengths.
+
+        `array` is 1-D with `sum(counts)` elements (the same on every rank); rank r receives
+        the reduction over ranks of the `counts[r]` elements starting at `sum(counts[:r])`,
+        in the input's dtype (MPI_Reduce_scatter). `out` must not overlap `array`.
+        """
+        mpi_op = _reduce_op("reduce_scatterv", op)
+        a = _send_buffer("reduce_scatterv", array, self)
+        counts = [int(c) for c in counts]
+        if a.ndim != 1 or len(counts) != self._size or sum(counts) != a.size or min(counts) < 0:
+            raise ValueError(f"reduce_scatterv: needs a 1-D array of sum(counts) elements and "
+                             f"one count >= 0 per rank ({self._size}), got {_signature(a)} "
+                             f"and counts {counts} on rank {self._rank}")
+        out = self._out_buffer("reduce_scatterv", out, (counts[self._rank],), a.dtype)
+        if np.may_share_memory(a, out):
+            raise ValueError(f"reduce_scatterv: `out` overlaps the input {self._where()}")
+        if self._check:
+            self._check_same("reduce_scatterv", f"op={op}", _signature(a), counts)
+        try:
+            self._comm.Reduce_scatter(a, out, counts, mpi_op)
+        except MPI.Exception as exc:
+            raise _comm_error("reduce_scatterv", self, a, exc) from exc
         return out
 
     # ---------------------------------------------------------- point to point

@@ -34,23 +34,42 @@ def clip_grad_norm(params: Tensor | Iterable[Tensor], max_norm: float,
     ps = _with_grads(params)
     if not ps:
         return 0.0
+    total = total_norm(norm_terms([p.grad for p in ps], norm_type), norm_type)
+    scale_grads(ps, max_norm, total, error_if_nonfinite)
+    return total
+
+
+def norm_terms(grads: list[np.ndarray], norm_type: float) -> list[float]:
+    """Each gradient's part of the total norm (its max |g|, sum g^2 or sum |g|^p), in order."""
     norm_type = float(norm_type)
     if norm_type == math.inf:
-        total = max(float(np.abs(p.grad).max()) if p.grad.size else 0.0 for p in ps)
-    elif norm_type == 2.0:
-        total = math.sqrt(sum(float(np.vdot(p.grad, p.grad)) for p in ps))  # BLAS dot
-    else:
-        total = sum(float(np.sum(np.abs(p.grad.astype(np.float64)) ** norm_type))
-                    for p in ps) ** (1.0 / norm_type)
+        return [float(np.abs(g).max()) if g.size else 0.0 for g in grads]
+    if norm_type == 2.0:
+        return [float(np.vdot(g, g)) for g in grads]  # BLAS dot
+    return [float(np.sum(np.abs(g.astype(np.float64)) ** norm_type)) for g in grads]
+
+
+def total_norm(terms: list[float], norm_type: float) -> float:
+    """The norm from `norm_terms` of all gradients (added in the order given)."""
+    norm_type = float(norm_type)
+    if norm_type == math.inf:
+        return max(terms, default=0.0)
+    if norm_type == 2.0:
+        return math.sqrt(sum(terms))
+    return sum(terms) ** (1.0 / norm_type)
+
+
+def scale_grads(params: list[Tensor], max_norm: float, total: float,
+                error_if_nonfinite: bool = False) -> None:
+    """Clip `params`' gradients, whose total norm is `total`, to `max_norm`."""
     if not math.isfinite(total):
         if error_if_nonfinite:
             raise FloatingPointError(f"clip_grad_norm: the total gradient norm is {total}")
-        return total
+        return
     coef = float(max_norm) / (total + 1e-6)
     if coef < 1.0:
-        for p in ps:
+        for p in params:
             p.grad = p.grad * coef
-    return total
 
 
 def clip_grad_value(params: Tensor | Iterable[Tensor], clip_value: float) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..autodiff import Tensor, mark_modified, queue_callback
 from ..comm import Communicator
 from ..comm.buckets import Bucket, plan_buckets
 from ..nn import Module
-from .sync import make_sync
+from .sync import AllreduceMean, ReduceScatterMean, make_sync
 
 __all__ = ["DataParallel", "StepStats"]
 
@@ -103,6 +103,7 @@ class DataParallel(Module):
         object.__setattr__(self, "_sync_enabled", True)
         object.__setattr__(self, "_join_steps", None)  # steps taken inside join(), else None
         object.__setattr__(self, "_t0", 0.0)
+        object.__setattr__(self, "_owned", None)  # per bucket: slots this rank receives
         for b in buckets:
             for k, p in enumerate(b.params):
                 p.register_hook(self._hook(b, k))
@@ -142,6 +143,42 @@ class DataParallel(Module):
             for b in bufs:
                 b[...] = flat[offset : offset + b.size].reshape(b.shape)
                 offset += b.size
+
+    def shard_gradients(self, bounds: Sequence[int]) -> None:
+        """Average each gradient element on its owner rank only (ZeRO stage 2's exchange).
+
+        Rank r owns elements [bounds[r], bounds[r + 1]) of the module's parameters flattened
+        in `named_parameters()` order. From the next backward on, every bucket is
+        reduce-scattered instead of allreduced, so each rank receives the average of its own
+        elements only: half the bytes of an allreduce. After backward a parameter's `.grad`
+        holds the average on this rank's elements (elsewhere this rank's own part of the
+        sum), and is None for a parameter with none of them. For an optimizer that updates
+        only its own elements and then gathers the parameters:
+        ZeroRedundancyOptimizer(..., data_parallel=...) calls this. Exact averaging only.
+        """
+        params = [p for _, p in self.module.named_parameters()]
+        starts = np.cumsum([0] + [p.size for p in params])
+        bounds = np.asarray(bounds, dtype=np.int64)
+        size, rank = self.comm.size, self.comm.rank
+        if (bounds.shape != (size + 1,) or bounds[0] != 0 or bounds[-1] != starts[-1]
+                or (np.diff(bounds) < 0).any()):
+            raise ValueError(f"DataParallel.shard_gradients: needs {size + 1} non-decreasing "
+                             f"element bounds from 0 to {starts[-1]}, got {bounds.tolist()}")
+        if type(self.sync) is not AllreduceMean:
+            raise ValueError(f"DataParallel.shard_gradients: needs exact averaging, but the "
+                             f"gradients are compressed ({self.sync.name})")
+        start_of = {id(p): int(s) for p, s in zip(params, starts)}
+        lo, hi = bounds[rank], bounds[rank + 1]
+        counts, owned = {}, []
+        for b in self.buckets:
+            begin = np.array([start_of[id(p)] for p in b.params])  # model order: contiguous
+            end = begin + [p.size for p in b.params]
+            s, e = begin[0], end[-1]
+            counts[b.index] = np.clip(np.minimum(bounds[1:], e) - np.maximum(bounds[:-1], s),
+                                      0, None)
+            owned.append((begin < hi) & (end > lo))
+        object.__setattr__(self, "sync", ReduceScatterMean(self.comm, counts))
+        object.__setattr__(self, "_owned", owned)
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -322,9 +359,13 @@ class DataParallel(Module):
         t_done = time.perf_counter()
         stats.wait_s = t_done - t_wait
         stats.spans.append(("wait", -1, t_wait, t_done))
-        for b in self.buckets:
-            for p, g in zip(b.params, b.grads):
-                p.grad = g
+        for i, b in enumerate(self.buckets):
+            if self._owned is None:
+                for p, g in zip(b.params, b.grads):
+                    p.grad = g
+            else:  # only this rank's own slots hold the average
+                for p, g, mine in zip(b.params, b.grads, self._owned[i]):
+                    p.grad = g if mine else None
         stats.buckets = len(reports)
         for r in reports:
             stats.bytes_sent += r.get("bytes_sent", 0)

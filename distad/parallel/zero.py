@@ -6,6 +6,11 @@ contiguous slice of the parameters, keeps the state of that slice only and updat
 it; one Allgatherv then gives every rank every updated parameter. With gradients already
 averaged (DataParallel), the update of each parameter is the same arithmetic on the same
 numbers as the unsharded optimizer's, so the result is bit for bit the same.
+
+Given the DataParallel that averages the gradients, it also takes over stage 2's gradient
+exchange: each bucket is reduce-scattered, so that a rank receives only its shard's averaged
+gradients, and a step moves what one allreduce does (half of it in the reduce-scatter, half
+in the parameters' allgather) instead of 1.5 times that.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 from ..autodiff import Tensor, enable_grad, mark_modified
 from ..comm import Communicator
 from ..optim import Optimizer
+from ..optim.clip import norm_terms, scale_grads, total_norm
 from ..optim.optimizer import ParamsT
 
 __all__ = ["ZeroRedundancyOptimizer"]
@@ -25,21 +31,32 @@ __all__ = ["ZeroRedundancyOptimizer"]
 
 class ZeroRedundancyOptimizer(Optimizer):
     """`optimizer_class(**defaults)` on this rank's shard of `params`; the others' shards on
-    the other ranks of `comm` (PyTorch's ZeroRedundancyOptimizer).
+    the other ranks of `comm` (PyTorch's ZeroRedundancyOptimizer, DeepSpeed's ZeRO).
 
-    The parameters, in the order given, are cut into `comm.size` contiguous shards of
-    balanced size (ranks beyond the parameter count own none); every rank passes the same
+    The parameters, in the order given and flattened into one vector, are cut into
+    `comm.size` contiguous shards of equal size (to one element; a parameter may be cut), as
+    DeepSpeed does: each rank keeps the optimizer state of its shard only and updates only
+    it, through 1-D views of the parameters (`shard`). Every rank passes the same
     parameters, which is checked (names cannot be, shapes and dtypes are). `param_groups`
     holds every parameter with its group's hyperparameters, so learning-rate schedules work
-    as with any optimizer; each `step()` copies the hyperparameters into the local optimizer,
-    updates this rank's shard from the current `.grad`s (already averaged across ranks, as
-    DataParallel leaves them) and exchanges the shards in one Allgatherv. Collective.
+    as with any optimizer; each `step()` copies the hyperparameters into the local
+    optimizer, updates this rank's shard from the current `.grad`s and exchanges the
+    shards in one Allgatherv. Collective. Optimizers whose update is elementwise (SGD, Adam,
+    AdamW) give bit for bit the parameters of the unsharded optimizer on the same gradients.
+
+    Without `data_parallel` the `.grad`s must be averaged already (DataParallel's
+    allreduce: stage 1). With `data_parallel`, the DataParallel (exact averaging) whose
+    module holds these parameters in this order, its buckets are reduce-scattered instead
+    (stage 2's exchange): after backward the `.grad` of a parameter holds the average only
+    on this rank's elements, and is None for a parameter with none of them; clip with this
+    optimizer's `clip_grad_norm`, not `ad.optim.clip_grad_norm`.
     `state_dict()` is this rank's shard's state (checkpoint it per rank), and loads back only
     on the same rank of the same number of ranks. All parameters must share one dtype.
     """
 
     def __init__(self, params: ParamsT, optimizer_class: type[Optimizer],
-                 comm: Communicator | None = None, **defaults: Any) -> None:
+                 comm: Communicator | None = None, *, data_parallel: Any = None,
+                 **defaults: Any) -> None:
         super().__init__(params, defaults)
         self.comm = comm if comm is not None else Communicator()
         flat = [p for g in self.param_groups for p in g["params"]]
@@ -50,28 +67,56 @@ class ZeroRedundancyOptimizer(Optimizer):
         self.comm.agree(";".join(f"{p.shape}:{p.dtype}" for p in flat),
                         what="ZeroRedundancyOptimizer parameters (shapes, dtypes)")
         size, rank = self.comm.size, self.comm.rank
-        # Rank r owns the parameters that start in the r-th P-th of the elements.
-        starts = np.cumsum([0] + [p.size for p in flat[:-1]])
-        total = starts[-1] + flat[-1].size
-        self.owner = np.minimum(starts * size // max(total, 1), size - 1)
-        counts = np.bincount(self.owner, minlength=size)
+        starts = np.cumsum([0] + [p.size for p in flat])
+        total = int(starts[-1])
+        # Rank r owns elements [bounds[r], bounds[r + 1]) of the flattened parameters.
+        self.bounds = [r * total // size for r in range(size + 1)]
+        lo, hi = self.bounds[rank], self.bounds[rank + 1]
         self._flat = flat
-        start = int(np.sum(counts[:rank]))
-        self._shard = flat[start:start + counts[rank]]
-        own = {id(p) for p in self._shard}
+        # This rank's piece of each parameter it has elements of: (param, start, stop, piece),
+        # the piece a Tensor over elements [start, stop) of the flattened parameter.
+        self._pieces: list[tuple[Tensor, int, int, Tensor]] = []
+        self._clipped = False
         local_groups, self._group_index = [], []
+        offset = iter(starts)
         for i, g in enumerate(self.param_groups):
-            mine = [p for p in g["params"] if id(p) in own]
+            mine = []
+            for p in g["params"]:
+                s = int(next(offset))
+                a, b = max(lo, s) - s, min(hi, s + p.size) - s
+                if a < b:
+                    piece = Tensor(_flat_view(p)[a:b], requires_grad=True)
+                    self._pieces.append((p, a, b, piece))
+                    mine.append(piece)
             if mine:
                 local_groups.append({**g, "params": mine})
                 self._group_index.append(i)
         self.local: Optimizer | None = (optimizer_class(local_groups, **defaults)
                                          if local_groups else None)
+        if data_parallel is not None:
+            modules = [p for _, p in data_parallel.module.named_parameters()]
+            if list(map(id, modules)) != list(map(id, flat)):
+                raise ValueError("ZeroRedundancyOptimizer: data_parallel's module must hold "
+                                 "exactly the parameters given, in the same order")
+            data_parallel.shard_gradients(self.bounds)
 
     @property
     def shard(self) -> list[Tensor]:
-        """The parameters this rank updates (and keeps the optimizer state of)."""
-        return list(self._shard)
+        """This rank's pieces of the parameters: 1-D Tensors over their elements (views), the
+        ones this rank updates and keeps the optimizer state of."""
+        return [piece for *_, piece in self._pieces]
+
+    def _point_pieces(self) -> None:
+        """Aim the pieces at the parameters' current data and, unless `clip_grad_norm` has
+        clipped them for this step, gradients (views, no copies)."""
+        for p, a, b, piece in self._pieces:
+            piece.data = _flat_view(p)[a:b]
+            if not self._clipped:
+                piece.grad = None if p.grad is None else np.reshape(p.grad, -1)[a:b]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._clipped = False
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update this rank's shard, then give every rank every parameter. Collective."""
@@ -79,12 +124,13 @@ class ZeroRedundancyOptimizer(Optimizer):
         if closure is not None:
             with enable_grad():
                 loss = closure()
+        self._point_pieces()
+        self._clipped = False
         if self.local is not None:
             for i, lg in zip(self._group_index, self.local.param_groups):
                 lg.update({k: v for k, v in self.param_groups[i].items() if k != "params"})
             self.local.step()
-        mine = self._shard
-        send = (np.concatenate([p.data.ravel() for p in mine]) if mine
+        send = (np.concatenate([piece.data for *_, piece in self._pieces]) if self._pieces
                 else np.empty(0, self._flat[0].dtype))
         full = self.comm.allgatherv(send, concat=True)
         offset = 0
@@ -93,6 +139,21 @@ class ZeroRedundancyOptimizer(Optimizer):
             mark_modified(p)
             offset += p.size
         return loss
+
+    def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0,
+                       error_if_nonfinite: bool = False) -> float:
+        """`ad.optim.clip_grad_norm` over all ranks' shards: the total norm of the whole
+        gradient from every rank's per-piece terms, gathered and added in parameter order
+        (equal to the unsharded norm up to rounding: a cut parameter's sum is two sums), then
+        this shard's gradients clipped, for the next `step()`. Collective; returns the norm."""
+        self._clipped = False
+        self._point_pieces()
+        mine = [piece for *_, piece in self._pieces if piece.grad is not None]
+        terms = np.array(norm_terms([p.grad for p in mine], norm_type), np.float64)
+        total = total_norm(self.comm.allgatherv(terms, concat=True).tolist(), norm_type)
+        scale_grads(mine, max_norm, total, error_if_nonfinite)
+        self._clipped = True  # the next step() takes these clipped pieces as they are
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard: its optimizer state and every group's hyperparameters."""
@@ -112,3 +173,11 @@ class ZeroRedundancyOptimizer(Optimizer):
             g.update(saved)
         if self.local is not None:
             self.local.load_state_dict(state_dict["local"])
+
+
+def _flat_view(p: Tensor) -> np.ndarray:
+    """`p.data` as a 1-D view (never a copy: the optimizer writes through it)."""
+    if not p.data.flags.c_contiguous:
+        raise ValueError(f"ZeroRedundancyOptimizer: parameter data must be C-contiguous, got "
+                         f"{p.dtype} {p.shape} with strides {p.data.strides}")
+    return p.data.reshape(-1)

@@ -22,7 +22,7 @@ class TrainConfig:
     batch_size: int = 32         # per rank
     accumulate: int = 1          # micro-batches per batch, gradients synchronised once
     optimizer: str = "sgd"
-    zero: bool = False           # shard the optimizer state over the ranks (ZeRO stage 1)
+    zero: bool = False           # shard the optimizer state and gradients over the ranks (ZeRO)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -68,8 +68,9 @@ HELP = {
     "batch_size": "samples per rank per step (global batch = ranks x this)",
     "optimizer": "sgd, adam, adamw or lbfgs",
     "zero": "shard the optimizer state over the ranks, each updating its shard of the "
-    "parameters (ZeRO stage 1: Adam's moments take 1/ranks of the memory; the same run bit "
-    "for bit; --parallel dp, not lbfgs)", "schedule": "none, step or cosine (per step)",
+    "parameters (ZeRO: Adam's moments take 1/ranks of the memory; uncompressed gradients are "
+    "reduce-scattered, so a step moves one allreduce's bytes; --parallel dp, not lbfgs)",
+    "schedule": "none, step or cosine (per step)",
     "clip": "clip the global gradient norm to this (0: off)",
     "compress": "gradient compression spec, e.g. none, fp16, topk:0.01+ef, powersgd:2+ef",
     "parallel": "dp (data parallel), pp (pipeline: one stage per rank), tp (tensor-parallel "

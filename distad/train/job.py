@@ -101,9 +101,11 @@ def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int,
         nn.Linear(64, n_classes, rng=rng))
 
 
-def make_optimizer(cfg: TrainConfig, params: list,
-                   comm: Communicator | None = None) -> ad.optim.Optimizer:
-    """The --optimizer over `params`; with --zero, its state sharded over `comm`'s ranks."""
+def make_optimizer(cfg: TrainConfig, params: list, comm: Communicator | None = None,
+                   dp: DataParallel | None = None) -> ad.optim.Optimizer:
+    """The --optimizer over `params`; with --zero, its state sharded over `comm`'s ranks, and
+    `dp`'s exact gradient averaging turned into a reduce-scatter (ZeRO stage 2's exchange;
+    stage 1 when the gradients are compressed)."""
     o = ad.optim
     if cfg.optimizer == "sgd":
         cls, kw = o.SGD, {"lr": cfg.lr, "momentum": cfg.momentum,
@@ -116,7 +118,9 @@ def make_optimizer(cfg: TrainConfig, params: list,
         return o.LBFGS(params, lr=cfg.lr, max_iter=5, history_size=10,
                        line_search_fn="strong_wolfe")
     if cfg.zero:
-        return ad.parallel.ZeroRedundancyOptimizer(params, cls, comm, **kw)
+        exact = dp is not None and cfg.compress in (None, "none")
+        return ad.parallel.ZeroRedundancyOptimizer(params, cls, comm,
+                                                   data_parallel=dp if exact else None, **kw)
     return cls(params, **kw)
 
 
@@ -204,7 +208,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    opt = make_optimizer(cfg, list(model.parameters()), comm)
+    opt = make_optimizer(cfg, list(model.parameters()), comm, dp)
     sched = make_schedule(cfg, opt, total_steps)
     step = 0
     if cfg.resume:
@@ -231,8 +235,9 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                     opt.zero_grad()
                     closure.logits, closure.loss = accumulated_backward(
                         dp, xb, yb, cfg.accumulate, cross_entropy)
-                    if cfg.clip:
-                        ad.optim.clip_grad_norm(params, cfg.clip)
+                    if cfg.clip:  # with --zero, each rank has its shard's gradients
+                        (opt.clip_grad_norm(cfg.clip) if cfg.zero
+                         else ad.optim.clip_grad_norm(params, cfg.clip))
                     return closure.loss
 
                 if cfg.optimizer == "lbfgs":
