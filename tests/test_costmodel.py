@@ -224,6 +224,27 @@ def test_shared_memory_does_not_overlap_and_oversubscription_stretches_compute()
     assert half.compute == pytest.approx(2 * 0.032)
 
 
+def test_zero_reduce_scatters_gradients_splits_the_update_and_gathers_the_parameters():
+    """ZeRO on a link: each bucket's reduce-scatter moves half an allreduce's bytes, the
+    update takes 1/p of the time, and an allgather of the parameters ends the step."""
+    slow = CollectiveModel.link(1, alpha=0)
+    m = step(zero=True, update_s=0.080)
+    p = m.predict(slow, 4)
+    rs = [slow.reduce_scatter(4 * n, 4) for n in m.bucket_elems]
+    gather = slow.allgather(4 * 5_250_000 / 4, 4)
+    ready0 = 0.010 + 0.020 * 250_000 / 5_250_000
+    expect = max(ready0 + rs[0], 0.030) + rs[1] + 0.080 / 4 + gather
+    assert p.step == pytest.approx(expect)
+    assert p.bytes_per_rank == pytest.approx(2 * 0.75 * 4 * 5_250_000)  # one allreduce's
+    assert p.step < step(update_s=0.080).predict(slow, 4).step
+    shm = CollectiveModel(alpha=1e-6, beta=1 / 3e9, cpu_bound=True)
+    q = m.predict(shm, 2)
+    assert q.step == pytest.approx(0.030 + 0.040 + sum(shm.reduce_scatter(4 * n, 2)
+                                                       for n in m.bucket_elems)
+                                   + shm.allgather(4 * 5_250_000 / 2, 2))
+    assert m.predict(slow, 1).step == pytest.approx(0.110)  # one rank: nothing to shard
+
+
 def test_compression_trades_bytes_for_arithmetic():
     slow = CollectiveModel.link(1)
     m = step(compress_s_per_elem=2e-9, accumulate_s_per_elem=1e-9)

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +126,12 @@ def calibrate(cfg: dict[str, Any], compressors: Sequence[str], repeats: int = 20
     from distad.comm import Communicator
     from distad.comm.buckets import plan_buckets
     from distad.parallel import DataParallel
-    from distad.train.config import TrainConfig
+    from distad.train.config import from_args, parser
     from distad.train.job import build_model, make_optimizer
 
-    tc = TrainConfig(**{k: v for k, v in cfg.items() if k in TrainConfig.__dataclass_fields__})
+    # The configuration the runs get, --train-args included (an optimizer, --zero).
+    tc = from_args(parser().parse_args(train_args(cfg, cfg["batch_size"], 1, 0, "none",
+                                                  Path("unused"))))
     rng = np.random.default_rng(0)
     in_shape = (tc.features,) if tc.model == "mlp" else (1, int(tc.features ** 0.5),
                                                           int(tc.features ** 0.5))
@@ -142,7 +144,8 @@ def calibrate(cfg: dict[str, Any], compressors: Sequence[str], repeats: int = 20
         model = build_model(tc, in_shape, tc.classes)
         dp = DataParallel(model, self_comm, compressor=spec, bucket_mb=tc.bucket_mb,
                           first_bucket_mb=tc.first_bucket_mb)
-        jobs[spec] = (model, dp, make_optimizer(tc, list(model.parameters())))
+        opt = make_optimizer(replace(tc, compress=spec), list(model.parameters()), self_comm, dp)
+        jobs[spec] = (model, dp, opt)
     X = rng.standard_normal((tc.batch_size, *in_shape)).astype(np.float32)
     y = rng.integers(0, tc.classes, tc.batch_size)
     ce = ad.nn.functional.cross_entropy
@@ -182,7 +185,7 @@ def calibrate(cfg: dict[str, Any], compressors: Sequence[str], repeats: int = 20
         "backward_s": typical(base["backward"]),
         "update_s": typical(base["update"]), "fixed_s": typical(base["extra"]),
         "batch": tc.batch_size, "bucket_elems": [int(b.buffer.size) for b in buckets],
-        "parameters": n, "compressors": {},
+        "parameters": n, "optimizer": tc.optimizer, "zero": tc.zero, "compressors": {},
         "phases_s": {spec: {k: typical(times[spec][k])
                             for k in ("forward", "backward", "update", "step")}
                      for spec in specs}}
@@ -367,7 +370,7 @@ def run_point(point: Point, cmd: list[str], env: dict[str, str], timeout: float)
 
 def collectives_json(link: str, ranks: int, sizes: str, out: Path, launch_dir: Path,
                      python: str, env: dict[str, str], timeout: float, reuse: bool = False,
-                     busy: int = 0) -> Path:
+                     busy: int = 0, ops: str = "allreduce,allgather") -> Path:
     """Run `distad bench collectives --json` on `link` with `ranks` ranks; return the path
     (with `reuse`, an existing file is kept). `busy`: that many busy threads per rank, and
     only the allreduce."""
@@ -375,7 +378,7 @@ def collectives_json(link: str, ranks: int, sizes: str, out: Path, launch_dir: P
     if reuse and path.exists():
         return path
     cmd = launcher(link, ranks, launch_dir, python) + [
-        "-m", "distad.bench.collectives", "--ops", "allreduce" if busy else "allreduce,allgather",
+        "-m", "distad.bench.collectives", "--ops", "allreduce" if busy else ops,
         "--sizes", sizes, "--budget-mb", "64", "--min-repeats", "5", "--max-repeats", "30",
         "--json", str(path)] + (["--busy-threads", str(busy)] if busy else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -393,7 +396,8 @@ def step_model(cal: dict[str, Any], compress: str) -> StepModel:
                      batch=cal["batch"],
                      bucket_elems=tuple(cal["bucket_elems"]),
                      compress_s_per_elem=c.get("compress_s_per_elem", 0.0),
-                     accumulate_s_per_elem=c.get("accumulate_s_per_elem", 0.0))
+                     accumulate_s_per_elem=c.get("accumulate_s_per_elem", 0.0),
+                     zero=bool(cal.get("zero", False)))
 
 
 def busy_latency(path: Path) -> float:
@@ -582,8 +586,10 @@ def main(argv: list[str] | None = None) -> int:
                         and (out / f"collectives-{link}-p{p}-busy.json").exists()):
                     use_link(link)
                 wait_for_idle(timeout=args.wait_idle)
+                ops = "allreduce,allgather" + (",reduce_scatter" if first_cal.get("zero")
+                                               else "")
                 path = collectives_json(link, p, sizes, out, launch_dir, python, env,
-                                        args.timeout, reuse=args.reuse)
+                                        args.timeout, reuse=args.reuse, ops=ops)
                 # p10 of each size's repeats: other jobs only ever add time (as for the runs).
                 net = CollectiveModel.from_bench([path], name=link, cpu_bound=(link == "shm"),
                                                  stat="p10_s")

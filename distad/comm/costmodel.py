@@ -402,7 +402,10 @@ class StepModel:
     one rank's compression + memory + its own decompression, per element (0 for none);
     ``accumulate_s_per_elem``: decoding and adding one more rank's payload, per element
     (paid p - 1 times by allgather aggregation). ``fixed_s``: per-step costs that do not
-    scale (Python overhead, the loss allreduce).
+    scale (Python overhead, the loss allreduce). ``zero``: the optimizer state is sharded
+    (ZeroRedundancyOptimizer, `distad train --zero`): each rank updates 1/p of the
+    parameters and the step ends with an Allgather of them; exact gradients are then
+    reduce-scattered per bucket instead of allreduced.
     """
 
     forward_s: float
@@ -414,6 +417,7 @@ class StepModel:
     compress_s_per_elem: float = 0.0
     accumulate_s_per_elem: float = 0.0
     fixed_s: float = 0.0
+    zero: bool = False
 
     def __post_init__(self) -> None:
         if not self.bucket_elems:
@@ -457,10 +461,20 @@ class StepModel:
         slow = 1.0 / min(1.0, cores_per_rank)
         scale = b / self.batch
         fwd, bwd = self.forward_s * scale * slow, self.backward_s * scale * slow
-        update = self.update_s * slow + self.fixed_s
+        shards = p if self.zero else 1
+        update = self.update_s / shards * slow + self.fixed_s
+        # ZeRO ends the step with an allgather of the parameters (not overlapped).
+        gather = net.allgather(4 * self.params / p, p) if self.zero and p > 1 else 0.0
+        gather_bytes = (p - 1) / p * 4 * self.params if self.zero and p > 1 else 0.0
+        scatter = self.zero and compressor is None
         strategy = strategy or ("allreduce" if compressor is None else "allgather")
-        comm_s, compress_s, bytes_rank = [], [], 0.0
+        comm_s, compress_s, bytes_rank = [], [], gather_bytes
         for n in self.bucket_elems:
+            if scatter:  # each rank receives its own slice of the average only
+                comm_s.append(net.reduce_scatter(4 * n, p) if p > 1 else 0.0)
+                bytes_rank += (p - 1) / p * 4 * n if p > 1 else 0.0
+                compress_s.append(0.0)
+                continue
             comm_s.append(net.seconds(strategy, compressor, n, p) if p > 1 else 0.0)
             bytes_rank += net.wire_bytes_per_rank(strategy, compressor, n, p)
             c = 0.0
@@ -477,8 +491,8 @@ class StepModel:
         if net.cpu_bound or not overlap:
             # Everything on the rank's core, one after the other.
             compute = fwd + bwd + total_compress + update
-            wait = max(total_comm, sync_s)  # a long collective contains the meeting
-            return StepPrediction(compute, total_compress, total_comm, wait,
+            wait = max(total_comm, sync_s) + gather  # a long collective contains the meeting
+            return StepPrediction(compute, total_compress, total_comm + gather, wait,
                                   compute + wait, bytes_rank)
         # Event schedule: the core runs forward, backward and the compression of each bucket
         # (which delays the rest of backward); the link runs the collectives in order.
@@ -493,9 +507,9 @@ class StepModel:
         cpu_t += (1.0 - done_bwd) * bwd
         end = max(cpu_t + sync_s, link_t)
         compute = cpu_t + update
-        wait = end - cpu_t
-        return StepPrediction(compute, total_compress, total_comm, wait, end + update,
-                              bytes_rank)
+        wait = end - cpu_t + gather
+        return StepPrediction(compute, total_compress, total_comm + gather, wait,
+                              end + update + gather, bytes_rank)
 
 
 def pipeline_step(schedule: str, stages: int, microbatches: int, forward_s: float,
