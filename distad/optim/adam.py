@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from distad._blocked import block_slices
 from distad.autodiff import Tensor
 
 from .optimizer import Optimizer, ParamsT
@@ -53,22 +54,54 @@ class Adam(Optimizer):
                 state["max_exp_avg_sq"] = np.zeros_like(p.data)
         state["step"] += 1
         t = state["step"]
-        if wd and self._decoupled:
-            p.data *= 1.0 - lr * wd
-        elif wd:
-            grad = grad + wd * p.data
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m *= b1
-        m += (1.0 - b1) * grad
-        v *= b2
-        v += (1.0 - b2) * (grad * grad)
-        if group["amsgrad"]:
-            np.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-            v = state["max_exp_avg_sq"]
-        denom = np.sqrt(v)
-        denom /= math.sqrt(1.0 - b2**t)
-        denom += eps
-        p.data -= (lr / (1.0 - b1**t)) * (m / denom)
+        decay = 1.0 - lr * wd if wd and self._decoupled else None  # AdamW's, else L2's wd
+        consts = (decay, b1, b2, 0.0 if decay is not None else wd, eps,
+                  math.sqrt(1.0 - b2**t), lr / (1.0 - b1**t))
+        w, g = p.data, np.asarray(grad)
+        m, v, vmax = state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")
+        if not (w.flags.c_contiguous and g.flags.c_contiguous and g.dtype == w.dtype):
+            _adam_kernel(w, g, m, v, vmax, consts, np.empty_like(w), np.empty_like(w))
+            return
+        w, g, m, v = w.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
+        vmax = None if vmax is None else vmax.reshape(-1)
+        t1, t2 = self._scratch(w.dtype)
+        for s in block_slices(w.size):
+            k = s.stop - s.start
+            _adam_kernel(w[s], g[s], m[s], v[s], None if vmax is None else vmax[s], consts,
+                         t1[:k], t2[:k])
+
+
+def _adam_kernel(w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,
+                 vmax: np.ndarray | None, consts: tuple[float, ...], t1: np.ndarray,
+                 t2: np.ndarray) -> None:
+    """One Adam update of the weights ``w`` in place (the formulas of :class:`Adam`; the
+    moments m, v and, with amsgrad, vmax updated too), with two scratch arrays of w's shape.
+    Applied block by block, so that the chain of operations stays in cache. ``consts``:
+    AdamW's decay factor 1 - lr * weight_decay (None for Adam), beta1, beta2, Adam's L2
+    weight decay (0 for AdamW), eps, sqrt(1 - beta2**t) and lr / (1 - beta1**t)."""
+    decay, b1, b2, wd, eps, c2, step_size = consts
+    if decay is not None:
+        w *= decay
+    if wd:
+        np.multiply(w, wd, out=t1)
+        t1 += g
+        g = t1
+    m *= b1
+    np.multiply(g, 1.0 - b1, out=t2)
+    m += t2
+    v *= b2
+    np.multiply(g, g, out=t2)
+    t2 *= 1.0 - b2
+    v += t2
+    if vmax is not None:
+        np.maximum(vmax, v, out=vmax)
+        v = vmax
+    np.sqrt(v, out=t2)
+    t2 /= c2
+    t2 += eps
+    np.divide(m, t2, out=t2)
+    t2 *= step_size
+    w -= t2
 
 
 class AdamW(Adam):

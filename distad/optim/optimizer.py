@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from distad._blocked import BLOCK
 from distad.autodiff import Tensor, enable_grad, mark_modified
 
 __all__ = ["Optimizer"]
@@ -95,6 +96,14 @@ class Optimizer:
 
     def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
         raise NotImplementedError
+
+    def _scratch(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Two block-sized arrays of ``dtype``, kept from step to step: the temporaries of
+        an update applied block by block (distad._blocked), which then stay in cache."""
+        cache = self.__dict__.setdefault("_blocks", {})
+        if dtype not in cache:
+            cache[dtype] = (np.empty(BLOCK, dtype), np.empty(BLOCK, dtype))
+        return cache[dtype]
 
     # ---- state ---------------------------------------------------------------------------
     def _indexed_params(self) -> list[Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distad._blocked import BLOCK, block_slices
+from distad._blocked import block_slices
 from distad.autodiff import Tensor
 
 from .optimizer import Optimizer, ParamsT
@@ -55,13 +55,6 @@ class SGD(Optimizer):
         for s in block_slices(w.size):
             k = s.stop - s.start
             _sgd_kernel(w[s], g[s], None if b is None else b[s], first, group, t1[:k], t2[:k])
-
-    def _scratch(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Two block-sized arrays of ``dtype``, kept from step to step."""
-        cache = self.__dict__.setdefault("_blocks", {})
-        if dtype not in cache:
-            cache[dtype] = (np.empty(BLOCK, dtype), np.empty(BLOCK, dtype))
-        return cache[dtype]
 
 
 def _sgd_kernel(w: np.ndarray, g: np.ndarray, buf: np.ndarray | None, first: bool,
