@@ -16,6 +16,7 @@ COMMANDS = {
     "bench compress": "distad.bench.compress",
     "bench pipeline": "distad.bench.pipeline",
     "bench scaling": "distad.bench.scaling",
+    "bench optim": "distad.bench.optim",
     "study compress": "distad.train.study",
 }
 
@@ -28,6 +29,7 @@ commands:
   bench compress        encode+decode throughput of every compressor
   bench pipeline        pipeline bubble vs (p-1)/(m+p-1); activation memory GPipe vs 1F1B
   bench scaling         weak/strong scaling sweeps with the cost model's predictions
+  bench optim           one optimizer update against the same formulas on whole arrays
   study compress        the same training job for several compressors: table and plots
 
 `distad <command> --help` describes each command's options."""

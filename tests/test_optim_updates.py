@@ -242,3 +242,23 @@ def test_training_reduces_a_least_squares_loss():
         losses.append(float(loss.data))
     assert losses[-1] < 1e-3 * losses[0]
     assert math.isfinite(losses[-1])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_bench_optim_reference_computes_the_same_update_on_whole_arrays(name):
+    """`distad bench optim` compares each blocked update with the same formulas on whole
+    arrays: both must give the same parameters (bit for bit), else the timing is moot."""
+    from distad.bench.optim import OPTIMIZERS
+
+    make, reference = OPTIMIZERS[name]
+    rng = np.random.default_rng(3)
+    w0 = rng.standard_normal(200_003).astype(np.float32)
+    p = ad.Tensor(w0.copy(), requires_grad=True)
+    opt, w, state = make([p]), w0.copy(), {}
+    for _ in range(3):
+        g = rng.standard_normal(w0.size).astype(np.float32)
+        p.grad = g
+        opt.step()
+        reference(w, g, state)
+    np.testing.assert_array_equal(p.data, w)
+    assert not np.array_equal(w, w0)
