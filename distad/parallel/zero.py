@@ -1,14 +1,14 @@
-"""ZeroRedundancyOptimizer: optimizer state sharded over data-parallel ranks (ZeRO stage 1).
+"""ZeroRedundancyOptimizer: optimizer state sharded over data-parallel ranks (ZeRO).
 
 Data parallelism keeps a full copy of the optimizer state on every rank, which for Adam is
-twice the parameters. Rajbhandari et al.'s stage 1 cuts it into shards: each rank owns a
-contiguous slice of the parameters, keeps the state of that slice only and updates only
+twice the parameters. Rajbhandari et al.'s stage 1 cuts it into shards: each rank owns an
+equal slice of the flattened parameters, keeps the state of that slice only and updates only
 it; one Allgatherv then gives every rank every updated parameter. With gradients already
-averaged (DataParallel), the update of each parameter is the same arithmetic on the same
+averaged (DataParallel), the update of each element is the same arithmetic on the same
 numbers as the unsharded optimizer's, so the result is bit for bit the same.
 
 Given the DataParallel that averages the gradients, it also takes over stage 2's gradient
-exchange: each bucket is reduce-scattered, so that a rank receives only its shard's averaged
+exchange: each bucket is reduce-scattered, so that a rank receives only its slice's averaged
 gradients, and a step moves what one allreduce does (half of it in the reduce-scatter, half
 in the parameters' allgather) instead of 1.5 times that.
 """
