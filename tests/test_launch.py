@@ -249,6 +249,19 @@ def test_calibrate_prints_the_one_rank_step_of_every_spec(capsys, tmp_path):
     assert step["topk:0.1+ef"] > step["none"]
 
 
+def test_calibration_times_the_optimizer_the_runs_get_from_train_args():
+    """--train-args reach the calibration: with Adam and --zero it times a sharded Adam
+    update (and says so, for the model), and the model then predicts a ZeRO step."""
+    cfg = {"model": "mlp", "hidden": "64", "features": 32, "classes": 4, "samples": 256,
+           "lr": 0.01, "seed": 0, "bucket_mb": 25.0, "first_bucket_mb": 1.0,
+           "schedule": "none", "batch_size": 4, "train_extra": ["--optimizer", "adam", "--zero"]}
+    cal = scaling.calibrate(cfg, ["none"], repeats=3)
+    assert cal["optimizer"] == "adam" and cal["zero"] is True
+    assert scaling.step_model(cal, "none").zero
+    plain = scaling.calibrate({**cfg, "train_extra": []}, ["none"], repeats=3)
+    assert plain["optimizer"] == "sgd" and plain["zero"] is False
+
+
 @pytest.mark.slow
 def test_a_small_sweep_writes_csv_json_and_plots(tmp_path, launch_env, monkeypatch):
     for k in list(os.environ):
