@@ -415,6 +415,10 @@ def test_reduce_scattered_gradients_need_exact_averaging_and_the_same_parameters
                                             lr=0.1, data_parallel=dp)
     with pytest.raises(ValueError, match="non-decreasing element bounds from 0 to"):
         dp.shard_gradients([0] * (comm.size + 1))
+    ad.parallel.ZeroRedundancyOptimizer(model.parameters(), ad.optim.SGD, comm, lr=0.1,
+                                        data_parallel=dp)
+    with pytest.raises(RuntimeError, match="join: the gradients are sharded"), dp.join():
+        pass
     dp.close()
 
 

@@ -230,12 +230,13 @@ def test_accumulate_is_refused_with_model_parallelism():
 def test_zero_sharded_optimizer_state_gives_the_same_run_bit_for_bit(tmp_path, mpiexec,
                                                                      launch_env):
     """--zero at 2 ranks: reduce-scattered gradients (a sum of two in any order) and sharded
-    Adam give the plain run's model bit for bit; with --clip, to rounding (the sharded
-    norm adds per-shard sums)."""
+    Adam give the plain run's model bit for bit, also with --accumulate; with --clip, to
+    rounding (the sharded norm adds per-shard sums)."""
     common = ["--epochs", "2", "--batch-size", "16", "--hidden", "32", "--optimizer", "adam",
               "--lr", "0.01"]
     models = {}
-    for extra in ((), ("--zero",), ("--clip", "0.5"), ("--zero", "--clip", "0.5")):
+    for extra in ((), ("--zero",), ("--clip", "0.5"), ("--zero", "--clip", "0.5"),
+                  ("--accumulate", "2"), ("--zero", "--accumulate", "2")):
         out = tmp_path / "-".join(("run", *extra))
         r = _train([*common, *extra, "--out", str(out)], launch_env, mpiexec, 2)
         assert r.returncode == 0, r.stderr
@@ -244,5 +245,7 @@ def test_zero_sharded_optimizer_state_gives_the_same_run_bit_for_bit(tmp_path, m
     assert any(not np.array_equal(clipped[k], plain[k]) for k in plain)  # clipping happened
     for k in plain:
         np.testing.assert_array_equal(models[("--zero",)][k], plain[k], err_msg=k)
+        np.testing.assert_array_equal(models[("--zero", "--accumulate", "2")][k],
+                                      models[("--accumulate", "2")][k], err_msg=k)
         np.testing.assert_allclose(models[("--zero", "--clip", "0.5")][k], clipped[k],
                                    rtol=1e-5, atol=1e-6, err_msg=k)

@@ -207,6 +207,10 @@ class DataParallel(Module):
         if self.comm.size == 1:
             yield
             return
+        if self._owned is not None:
+            raise RuntimeError("DataParallel.join: the gradients are sharded for a "
+                               "ZeroRedundancyOptimizer, whose step is a collective that a "
+                               "rank out of data cannot shadow")
         object.__setattr__(self, "_join_steps", 0)
         try:
             yield
