@@ -108,7 +108,10 @@ def _train(args, env, mpiexec=None, ranks=1, timeout=240):
                                                            "--microbatches", "2")),
                                               (4, "none", ("--parallel", "dp,tp",
                                                            "--norm", "sync")),
-                                              (2, "none", ("--zero", "--optimizer", "adam"))])
+                                              (2, "none", ("--zero", "--optimizer", "adam")),
+                                              (4, "none", ("--parallel", "dp,pp", "--zero",
+                                                           "--optimizer", "adam",
+                                                           "--microbatches", "2"))])
 def test_killed_and_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(
         tmp_path, mpiexec, launch_env, ranks, spec, extra):
     """Compressed runs included: error-feedback residuals, PowerSGD's Q and the compressor's
@@ -227,6 +230,15 @@ def test_accumulate_is_refused_with_model_parallelism():
         from_args(parser().parse_args(["--parallel", "pp", "--accumulate", "2"]))
 
 
+def test_zero_is_refused_without_data_parallel_replicas_or_with_lbfgs():
+    from distad.train.config import from_args, parser
+
+    for args in (["--parallel", "pp,tp"], ["--optimizer", "lbfgs"]):
+        with pytest.raises(SystemExit, match="--zero shards over the data-parallel replicas"):
+            from_args(parser().parse_args(["--zero", *args]))
+    assert from_args(parser().parse_args(["--zero", "--parallel", "dp,pp"])).zero
+
+
 def test_zero_sharded_optimizer_state_gives_the_same_run_bit_for_bit(tmp_path, mpiexec,
                                                                      launch_env):
     """--zero at 2 ranks: reduce-scattered gradients (a sum of two in any order) and sharded
@@ -248,4 +260,28 @@ def test_zero_sharded_optimizer_state_gives_the_same_run_bit_for_bit(tmp_path, m
         np.testing.assert_array_equal(models[("--zero", "--accumulate", "2")][k],
                                       models[("--accumulate", "2")][k], err_msg=k)
         np.testing.assert_allclose(models[("--zero", "--clip", "0.5")][k], clipped[k],
+                                   rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("parallel", [("--parallel", "dp,tp"),
+                                      ("--parallel", "dp,pp", "--microbatches", "2")])
+def test_zero_over_the_replicas_of_a_model_parallel_job_gives_the_same_run(
+        tmp_path, mpiexec, launch_env, parallel):
+    """Megatron's distributed optimizer: 4 ranks, dp=2 replicas of a tensor-parallel model or
+    of a two-stage pipeline; --zero shards each stage's (or shard's) Adam over the two
+    replicas and reduce-scatters their gradients: the model bit for bit the plain run's; with
+    --clip (the norm summed over every rank's slices), to rounding."""
+    common = ["--epochs", "1", "--batch-size", "16", "--hidden", "32", "--optimizer", "adam",
+              "--lr", "0.01", *parallel]
+    models = {}
+    for extra in ((), ("--zero",), ("--clip", "0.3"), ("--zero", "--clip", "0.3")):
+        out = tmp_path / "-".join(("run", *extra))
+        r = _train([*common, *extra, "--out", str(out)], launch_env, mpiexec, 4)
+        assert r.returncode == 0, r.stderr
+        models[extra] = load_state(out / "model.npz")["model"]
+    plain, clipped = models[()], models[("--clip", "0.3")]
+    assert any(not np.array_equal(clipped[k], plain[k]) for k in plain)
+    for k in plain:
+        np.testing.assert_array_equal(models[("--zero",)][k], plain[k], err_msg=k)
+        np.testing.assert_allclose(models[("--zero", "--clip", "0.3")][k], clipped[k],
                                    rtol=1e-5, atol=1e-6, err_msg=k)

@@ -15,6 +15,7 @@ in the parameters' allgather) instead of 1.5 times that.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -141,17 +142,33 @@ class ZeroRedundancyOptimizer(Optimizer):
         return loss
 
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0,
-                       error_if_nonfinite: bool = False) -> float:
+                       error_if_nonfinite: bool = False, *,
+                       weight: Callable[[Tensor], float] | None = None,
+                       comm: Communicator | None = None) -> float:
         """`ad.optim.clip_grad_norm` over all ranks' shards: the total norm of the whole
         gradient from every rank's per-piece terms, gathered and added in parameter order
         (equal to the unsharded norm up to rounding: a cut parameter's sum is two sums), then
-        this shard's gradients clipped, for the next `step()`. Collective; returns the norm."""
+        this shard's gradients clipped, for the next `step()`. Collective; returns the norm.
+
+        For a model that is also split across ranks (pipeline stages, tensor-parallel
+        shards), `comm` is where the squared norm is summed instead: every rank of it holds
+        distinct elements (an allreduce, 2-norm only), and `weight(p)` scales parameter p's
+        part (1/tp for a parameter every tensor-parallel rank holds a copy of)."""
         self._clipped = False
         self._point_pieces()
-        mine = [piece for *_, piece in self._pieces if piece.grad is not None]
-        terms = np.array(norm_terms([p.grad for p in mine], norm_type), np.float64)
-        total = total_norm(self.comm.allgatherv(terms, concat=True).tolist(), norm_type)
-        scale_grads(mine, max_norm, total, error_if_nonfinite)
+        mine = [(p, piece) for p, _, _, piece in self._pieces if piece.grad is not None]
+        terms = norm_terms([piece.grad for _, piece in mine], norm_type)
+        if comm is None and weight is None:
+            total = total_norm(self.comm.allgatherv(np.array(terms, np.float64),
+                                                    concat=True).tolist(), norm_type)
+        else:
+            if float(norm_type) != 2.0:
+                raise ValueError(f"ZeroRedundancyOptimizer.clip_grad_norm: weight and comm "
+                                 f"need the 2-norm, got norm_type={norm_type}")
+            w = weight or (lambda _: 1.0)
+            local = np.array([sum(w(p) * t for (p, _), t in zip(mine, terms))])
+            total = math.sqrt(max(float((comm or self.comm).allreduce(local)[0]), 0.0))
+        scale_grads([piece for _, piece in mine], max_norm, total, error_if_nonfinite)
         self._clipped = True  # the next step() takes these clipped pieces as they are
         return total
 

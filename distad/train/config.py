@@ -69,7 +69,8 @@ HELP = {
     "optimizer": "sgd, adam, adamw or lbfgs",
     "zero": "shard the optimizer state over the ranks, each updating its shard of the "
     "parameters (ZeRO: Adam's moments take 1/ranks of the memory; uncompressed gradients are "
-    "reduce-scattered, so a step moves one allreduce's bytes; --parallel dp, not lbfgs)",
+    "reduce-scattered, so a step moves one allreduce's bytes; over the dp replicas of "
+    "--parallel, not lbfgs)",
     "schedule": "none, step or cosine (per step)",
     "clip": "clip the global gradient norm to this (0: off)",
     "compress": "gradient compression spec, e.g. none, fp16, topk:0.01+ef, powersgd:2+ef",
@@ -130,8 +131,9 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.accumulate < 1 or (cfg.accumulate > 1 and cfg.parallel != "dp"):
         raise SystemExit("distad train: --accumulate must be >= 1, and above 1 only with "
                          "--parallel dp (a pipeline cuts batches with --microbatches)")
-    if cfg.zero and (cfg.parallel != "dp" or cfg.optimizer == "lbfgs"):
-        raise SystemExit("distad train: --zero works with --parallel dp and sgd, adam or adamw")
+    if cfg.zero and ("dp" not in cfg.parallel.split(",") or cfg.optimizer == "lbfgs"):
+        raise SystemExit("distad train: --zero shards over the data-parallel replicas: it "
+                         "needs dp in --parallel, and sgd, adam or adamw")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
     if cfg.norm != "none" and "pp" in cfg.parallel:

@@ -151,8 +151,11 @@ class _Parts:
         with ad.no_grad():
             return self.module(x).data
 
-    def clip(self, max_norm: float) -> float:
+    def clip(self, max_norm: float, opt: Any) -> float:
         """Clip by the norm of the whole model's gradient (all stages, shards counted once)."""
+        if isinstance(opt, ad.parallel.ZeroRedundancyOptimizer):  # each replica a slice
+            weight = dict(zip(map(id, self.params), self.norm_weight))
+            return opt.clip_grad_norm(max_norm, weight=lambda p: weight[id(p)], comm=self.g.world)
         local = sum(w * float(np.vdot(p.grad, p.grad))
                     for w, p in zip(self.norm_weight, self.params) if p.grad is not None)
         total = self.g.world.allreduce(np.array([local]))[0] / self.g.dp_size
@@ -256,7 +259,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     if parts.params:
-        opt = make_optimizer(cfg, parts.params)
+        opt = make_optimizer(cfg, parts.params, g.dp, parts.dp)  # --zero: over the replicas
         sched = make_schedule(cfg, opt, total_steps)
     else:  # a pipeline stage of parameter-free layers only (e.g. Flatten)
         opt, sched = _NoParameters(), None
@@ -275,7 +278,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
                 opt.zero_grad()
                 loss, logits = parts.step(xb, yb)
                 if cfg.clip:
-                    parts.clip(cfg.clip)
+                    parts.clip(cfg.clip, opt)
                 opt.step()
                 if sched is not None:
                     sched.step()
