@@ -164,7 +164,7 @@ class DataParallel(Module):
                 or (np.diff(bounds) < 0).any()):
             raise ValueError(f"DataParallel.shard_gradients: needs {size + 1} non-decreasing "
                              f"element bounds from 0 to {starts[-1]}, got {bounds.tolist()}")
-        if type(self.sync) is not AllreduceMean:
+        if not isinstance(self.sync, AllreduceMean):  # exact (or already sharded) only
             raise ValueError(f"DataParallel.shard_gradients: needs exact averaging, but the "
                              f"gradients are compressed ({self.sync.name})")
         start_of = {id(p): int(s) for p, s in zip(params, starts)}
