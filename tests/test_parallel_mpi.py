@@ -274,8 +274,9 @@ def test_join_trains_on_uneven_inputs_like_one_process_and_ends_with_one_model(c
     lr, P = 0.1, comm.size
     batches = {r: [global_batch(6, seed=100 * r + t) for t in range(2 + r)] for r in range(P)}
     model = make_model()
+    # measured steps: a rank that has left mirrors their extra allreduces too
     dp = ad.parallel.DataParallel(model, comm, compressor=spec, first_bucket_mb=0.001,
-                                  bucket_mb=0.002)
+                                  bucket_mb=0.002, measure_every=2)
     opt = ad.optim.SGD(model.parameters(), lr=lr)
     with dp.join():
         for X, y in batches[comm.rank]:
@@ -419,6 +420,54 @@ def test_reduce_scattered_gradients_need_exact_averaging_and_the_same_parameters
                                         data_parallel=dp)
     with pytest.raises(RuntimeError, match="join: the gradients are sharded"), dp.join():
         pass
+    dp.close()
+
+
+@pytest.mark.parametrize("spec", [None, "topk:0.25", "fp16"])
+def test_measured_steps_report_the_averaged_gradients_error_against_the_exact_average(comm,
+                                                                                      spec):
+    """measure_every=2: every second synchronisation also averages the exact gradient; the
+    reported relative error and cosine equal the one-process oracle's: mean over ranks of
+    each rank's top-k (one bucket, so top-k of the whole flattened gradient) against the mean
+    of the gradients; 0 and 1 for exact averaging; fp16 a rounding error."""
+    X, y = global_batch(8 * comm.size)
+    model = make_model(hidden=24)
+    dp = ad.parallel.DataParallel(model, comm, compressor=spec, bucket_mb=64,
+                                  first_bucket_mb=64, measure_every=2)
+    assert len(dp.buckets) == 1
+    ref = make_model(hidden=24)
+    flat = []
+    for r in range(comm.size):  # every rank's gradient, flattened in model order
+        for p in ref.parameters():
+            p.grad = None
+        n = len(X) // comm.size
+        ad.nn.functional.cross_entropy(ref(X[r * n:(r + 1) * n]), y[r * n:(r + 1) * n]).backward()
+        flat.append(np.concatenate([p.grad.ravel() for p in ref.parameters()]))
+    flat = np.array(flat, np.float64)
+    exact = flat.mean(0)
+    if spec == "topk:0.25":
+        k = round(0.25 * exact.size)
+        sent = np.zeros_like(flat)
+        for r, g in enumerate(flat):
+            keep = np.argsort(-np.abs(g), kind="stable")[:k]
+            sent[r, keep] = g[keep]
+        got = sent.mean(0)
+        expected = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+        cosine = got @ exact / (np.linalg.norm(got) * np.linalg.norm(exact))
+    for step in (1, 2):
+        for p in model.parameters():
+            p.grad = None
+        ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+        if step == 1:
+            assert dp.stats.grad_error is None and "grad_error" not in dp.stats.as_dict()
+    e, c = dp.stats.grad_error, dp.stats.grad_cosine
+    if spec is None:
+        assert e == 0.0 and c == pytest.approx(1.0, abs=1e-6)
+    elif spec == "fp16":
+        assert 0 < e < 1e-3 and c == pytest.approx(1.0, abs=1e-6)
+    else:
+        assert e == pytest.approx(expected, rel=1e-4) and c == pytest.approx(cosine, rel=1e-4)
+        assert 0.05 < e < 1
     dp.close()
 
 

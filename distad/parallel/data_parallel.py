@@ -38,7 +38,7 @@ class StepStats:
     """What the last synchronised backward cost on this rank (seconds and bytes)."""
 
     __slots__ = ("bytes_sent", "compress_s", "communicate_s", "decompress_s", "wait_s",
-                 "buckets", "unused", "spans")
+                 "buckets", "unused", "spans", "grad_error", "grad_cosine")
 
     def __init__(self) -> None:
         self.bytes_sent = 0
@@ -47,11 +47,18 @@ class StepStats:
         self.unused = 0
         # (phase, bucket, start, end) in time.perf_counter() seconds; bucket -1: not per bucket
         self.spans: list[tuple[str, int, float, float]] = []
+        # The averaged gradient against the exact average, on measured steps (else None):
+        # ||got - exact|| / ||exact|| and cos(got, exact) over all buckets.
+        self.grad_error: float | None = None
+        self.grad_cosine: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        return {"bytes_sent": self.bytes_sent, "compress_s": self.compress_s,
-                "communicate_s": self.communicate_s, "decompress_s": self.decompress_s,
-                "wait_s": self.wait_s, "buckets": self.buckets, "unused_params": self.unused}
+        d = {"bytes_sent": self.bytes_sent, "compress_s": self.compress_s,
+             "communicate_s": self.communicate_s, "decompress_s": self.decompress_s,
+             "wait_s": self.wait_s, "buckets": self.buckets, "unused_params": self.unused}
+        if self.grad_error is not None:
+            d.update(grad_error=self.grad_error, grad_cosine=self.grad_cosine)
+        return d
 
 
 class DataParallel(Module):
@@ -67,6 +74,10 @@ class DataParallel(Module):
     `bucket_mb` caps the fusion buckets; `first_bucket_mb` keeps the first
     one small so communication starts early. `overlap=False` reduces all
     buckets after backward instead of during it (for comparison).
+    `measure_every=N` makes every N-th synchronisation also average the exact gradient
+    (one more float32 allreduce per bucket) and report how far the compressed average is
+    from it in `stats.grad_error` and `stats.grad_cosine` (for compression studies; the
+    phase times exclude the measurement, the step's wall time does not).
     Parameters keep their dtype; gradients after backward are read-only views
     into the buckets.
     """
@@ -74,7 +85,8 @@ class DataParallel(Module):
     def __init__(self, module: Module, comm: Communicator | None = None,
                  compressor: Any = None, *, bucket_mb: float = 25.0,
                  first_bucket_mb: float = 1.0, overlap: bool = True,
-                 broadcast: bool = True, broadcast_buffers: bool = True) -> None:
+                 broadcast: bool = True, broadcast_buffers: bool = True,
+                 measure_every: int = 0) -> None:
         super().__init__()
         self.module = module
         comm = comm if comm is not None else Communicator()
@@ -104,6 +116,11 @@ class DataParallel(Module):
         object.__setattr__(self, "_join_steps", None)  # steps taken inside join(), else None
         object.__setattr__(self, "_t0", 0.0)
         object.__setattr__(self, "_owned", None)  # per bucket: slots this rank receives
+        if measure_every < 0:
+            raise ValueError(f"DataParallel: measure_every must be >= 0, got {measure_every}")
+        object.__setattr__(self, "_measure_every", int(measure_every))
+        object.__setattr__(self, "_syncs", 0)          # synchronisations so far
+        object.__setattr__(self, "_measuring", False)  # this synchronisation is measured
         for b in buckets:
             for k, p in enumerate(b.params):
                 p.register_hook(self._hook(b, k))
@@ -241,9 +258,11 @@ class DataParallel(Module):
         if self._broadcast_buffers_each_forward:
             self.broadcast_buffers()
         if syncing:
+            self._count_sync()  # the stepping ranks' measured steps are measured here too
             for b in self.buckets:
                 b.buffer.fill(0)
                 self._reduce(b)
+            object.__setattr__(self, "_measuring", False)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -290,6 +309,13 @@ class DataParallel(Module):
     def _arm(self) -> None:
         object.__setattr__(self, "_armed", True)
         object.__setattr__(self, "_t0", time.perf_counter())
+        self._count_sync()
+
+    def _count_sync(self) -> None:
+        """One more synchronisation (every rank counts alike, so all measure the same ones)."""
+        object.__setattr__(self, "_syncs", self._syncs + 1)
+        object.__setattr__(self, "_measuring", self._measure_every > 0
+                           and self._syncs % self._measure_every == 0)
 
     def _arrive(self, bucket: Bucket, k: int, g: np.ndarray) -> None:
         """Gradient k of `bucket` is final: copy it in, and start the bucket once complete."""
@@ -337,11 +363,22 @@ class DataParallel(Module):
             self._futures.append(self._executor.submit(self._reduce, bucket))
 
     def _reduce(self, bucket: Bucket) -> dict:
+        exact = (self._exact_mean(bucket.buffer) if self._measuring and self._owned is None
+                 else None)
         t = time.perf_counter()
         report = self.sync.reduce(bucket.buffer, bucket.index,
                                   shapes=[tuple(p.shape) for p in bucket.params])
         report["start"], report["end"], report["bucket"] = t, time.perf_counter(), bucket.index
+        if exact is not None:
+            report["fidelity"] = _fidelity(bucket.buffer, exact)
         return report
+
+    def _exact_mean(self, buffer: np.ndarray) -> np.ndarray:
+        """The exact average over ranks of the gradient in `buffer` (a copy; pre-scaled as
+        the strategy wants it, so divided here by what the prescale left to divide)."""
+        exact = self.comm.allreduce(buffer)
+        exact *= exact.dtype.type(1.0 / (self.comm.size * self.sync.prescale))
+        return exact
 
     def _finish(self) -> None:
         """After the backward walk: complete the step's reductions and publish the gradients."""
@@ -371,6 +408,12 @@ class DataParallel(Module):
                 for p, g, mine in zip(b.params, b.grads, self._owned[i]):
                     p.grad = g if mine else None
         stats.buckets = len(reports)
+        measured = [r["fidelity"] for r in reports if "fidelity" in r]
+        if measured:
+            err2, ref2, got2, dot = np.sum(measured, axis=0)
+            stats.grad_error = float(np.sqrt(err2 / ref2)) if ref2 > 0 else 0.0
+            stats.grad_cosine = float(dot / np.sqrt(ref2 * got2)) if ref2 * got2 > 0 else 1.0
+        object.__setattr__(self, "_measuring", False)
         for r in reports:
             stats.bytes_sent += r.get("bytes_sent", 0)
             stats.compress_s += r.get("compress_s", 0.0)
@@ -407,3 +450,10 @@ class DataParallel(Module):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
+
+
+def _fidelity(got: np.ndarray, exact: np.ndarray) -> tuple[float, float, float, float]:
+    """(||got - exact||^2, ||exact||^2, ||got||^2, <got, exact>) of one bucket, in float64."""
+    diff = got - exact
+    return (float(np.vdot(diff, diff)), float(np.vdot(exact, exact)),
+            float(np.vdot(got, got)), float(np.vdot(got, exact)))

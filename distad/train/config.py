@@ -30,6 +30,7 @@ class TrainConfig:
     warmup_steps: int = 0
     clip: float = 0.0
     compress: str = "none"
+    grad_error_every: int = 0    # steps; also average the exact gradient, log the error
     bucket_mb: float = 25.0
     first_bucket_mb: float = 1.0
     overlap: bool = True
@@ -74,6 +75,9 @@ HELP = {
     "schedule": "none, step or cosine (per step)",
     "clip": "clip the global gradient norm to this (0: off)",
     "compress": "gradient compression spec, e.g. none, fp16, topk:0.01+ef, powersgd:2+ef",
+    "grad_error_every": "every N steps also average the exact gradient (one more float32 "
+    "allreduce) and log the relative error and cosine of the compressed average against it "
+    "(grad_error, grad_cosine; 0: never)",
     "parallel": "dp (data parallel), pp (pipeline: one stage per rank), tp (tensor-parallel "
     "Linear pairs), or any combination (dp,pp; dp,tp; pp,tp: tensor-parallel stages; "
     "dp,pp,tp); an axis without a size gets 2, the first of dp, pp, tp the rest; sized specs "

@@ -201,7 +201,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     n_classes = int(max(ytr.max(), yte.max())) + 1
     model = build_model(cfg, Xtr.shape[1:], n_classes, comm)
     dp = DataParallel(model, comm, compressor=cfg.compress, bucket_mb=cfg.bucket_mb,
-                      first_bucket_mb=cfg.first_bucket_mb, overlap=cfg.overlap)
+                      first_bucket_mb=cfg.first_bucket_mb, overlap=cfg.overlap,
+                      measure_every=cfg.grad_error_every)
     sampler = DistributedSampler(len(Xtr), comm.size, comm.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(ArrayDataset(Xtr, ytr), cfg.batch_size, sampler=sampler)
     steps_per_epoch = len(loader)
@@ -226,6 +227,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     phases = dict.fromkeys(("bytes_sent", "compress_s", "communicate_s", "decompress_s",
                             "wait_s"), 0.0)
     test_loss = test_acc = float("nan")
+    fidelity: list[tuple[float, float]] = []  # (grad_error, grad_cosine) of measured steps
     with SynchronisedGC(cfg.gc_every) as collector:
         try:
             for epoch, xb, yb in resumable_batches(loader, step, steps_per_epoch, total_steps):
@@ -258,6 +260,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                     timeline.step(step, t0, t1, dp.stats.spans)
                 for k in phases:
                     phases[k] += getattr(dp.stats, k)
+                if dp.stats.grad_error is not None:
+                    fidelity.append((dp.stats.grad_error, dp.stats.grad_cosine))
                 collector.after_step(step)
                 record = {"step": step, "epoch": epoch, "loss": local[0] / local[2],
                           "train_acc": local[1] / local[2], "step_s": dt,
@@ -302,6 +306,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                "parameters": int(sum(p.size for p in params)), "compress": cfg.compress,
                "bytes_per_step": per_step.pop("bytes_sent"), "dense_bytes_per_step": dense,
                **{f"{k}_per_step": v for k, v in per_step.items()}, "config": cfg.as_dict()}
+    if fidelity:
+        summary["grad_error"], summary["grad_cosine"] = map(float, np.mean(fidelity, axis=0))
     if cfg.out and comm.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

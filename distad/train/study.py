@@ -76,20 +76,25 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "compress_ms": 1e3 * r["compress_s_per_step"],
             "communicate_ms": 1e3 * r["communicate_s_per_step"],
             "decompress_ms": 1e3 * r["decompress_s_per_step"],
-            "wait_ms": 1e3 * r["wait_s_per_step"]})
+            "wait_ms": 1e3 * r["wait_s_per_step"],
+            **({"grad_error": r["grad_error"], "grad_cosine": r["grad_cosine"]}
+               if "grad_error" in r else {})})
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    fidelity = all("grad_error" in r for r in rows)  # with --grad-error-every
     head = ("| spec | test acc | Δ acc (pp) | bytes/step/rank | ratio | ms/step | compute | "
-            "compress | communicate | decompress | wait |")
-    lines = [head, "|" + "---|" * 11]
+            "compress | communicate | decompress | wait |" +
+            (" grad error | grad cosine |" if fidelity else ""))
+    lines = [head, "|" + "---|" * (13 if fidelity else 11)]
     for r in rows:
         lines.append(
             f"| {r['spec']} | {r['test_acc']:.4f} | {r['delta_acc_pp']:+.2f} | "
             f"{r['bytes_per_step']:,.0f} | {r['ratio']:.1f}x | {r['step_ms']:.2f} | "
             f"{r['compute_ms']:.2f} | {r['compress_ms']:.2f} | {r['communicate_ms']:.2f} | "
-            f"{r['decompress_ms']:.2f} | {r['wait_ms']:.2f} |")
+            f"{r['decompress_ms']:.2f} | {r['wait_ms']:.2f} |" +
+            (f" {r['grad_error']:.3g} | {r['grad_cosine']:.4f} |" if fidelity else ""))
     return "\n".join(lines)
 
 
