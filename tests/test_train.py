@@ -1,5 +1,6 @@
 """The training job and its checkpoints: atomic, verified, exact resume."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -253,6 +254,10 @@ def test_zero_sharded_optimizer_state_gives_the_same_run_bit_for_bit(tmp_path, m
         r = _train([*common, *extra, "--out", str(out)], launch_env, mpiexec, 2)
         assert r.returncode == 0, r.stderr
         models[extra] = load_state(out / "model.npz")["model"]
+        if extra in ((), ("--zero",)):  # Adam's two moments: all of them, or half per rank
+            state = json.loads((out / "summary.json").read_text())["optimizer_state_bytes"]
+            n = json.loads((out / "summary.json").read_text())["parameters"]
+            assert state == (8 * n if not extra else 8 * -(-n // 2)), (extra, state, n)
     plain, clipped = models[()], models[("--clip", "0.5")]
     assert any(not np.array_equal(clipped[k], plain[k]) for k in plain)  # clipping happened
     for k in plain:

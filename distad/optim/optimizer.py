@@ -162,6 +162,12 @@ class Optimizer:
             state[k] = np.asarray(v, dtype=p.dtype)
         return state
 
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the arrays in this optimizer's state (what it keeps besides the
+        parameters: Adam's two moments, SGD's momentum)."""
+        return _nbytes(self.state)
+
     def __repr__(self) -> str:
         lines = [type(self).__name__ + " ("]
         for i, g in enumerate(self.param_groups):
@@ -181,3 +187,13 @@ def _copy_state(value: Any) -> Any:
     if value is None or isinstance(value, (numbers.Number, str, np.generic)):
         return value
     raise TypeError(f"optimizer state may hold arrays and numbers only, got {type(value).__name__}")
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0

@@ -172,6 +172,11 @@ class ZeroRedundancyOptimizer(Optimizer):
         self._clipped = True  # the next step() takes these clipped pieces as they are
         return total
 
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of this rank's shard's optimizer state."""
+        return self.local.state_nbytes if self.local is not None else 0
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard: its optimizer state and every group's hyperparameters."""
         return {"rank": self.comm.rank, "ranks": self.comm.size,

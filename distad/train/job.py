@@ -308,6 +308,9 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                **{f"{k}_per_step": v for k, v in per_step.items()}, "config": cfg.as_dict()}
     if fidelity:
         summary["grad_error"], summary["grad_cosine"] = map(float, np.mean(fidelity, axis=0))
+    # The most any rank keeps of optimizer state (with --zero, its shard's).
+    summary["optimizer_state_bytes"] = int(comm.allreduce(
+        np.array([opt.state_nbytes], np.int64), op="max")[0])
     if cfg.out and comm.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -369,5 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"final test accuracy {summary['test_acc']:.4f} (test loss "
               f"{summary['test_loss']:.4f}) after {summary['steps']} steps on {summary['ranks']} "
               f"rank{'s' if summary['ranks'] > 1 else ''} in {summary['seconds']:.1f} s "
-              f"({summary['samples_per_s']:.0f} samples/s)")
+              f"({summary['samples_per_s']:.0f} samples/s; optimizer state "
+              f"{summary['optimizer_state_bytes'] / 2**20:.2f} MiB per rank)")
     return 0

@@ -190,6 +190,8 @@ class _Parts:
 class _NoParameters:
     """The optimizer of a stage that has no parameters: nothing to update or save."""
 
+    state_nbytes = 0
+
     def zero_grad(self) -> None:
         pass
 
@@ -320,7 +322,9 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
     summary = {"ranks": comm.size, "steps": step, "test_loss": test_loss, "test_acc": test_acc,
                "seconds": elapsed, "median_step_s": float(np.median(steps_s)) if steps_s else 0,
                "samples_per_s": sum(w[1] for w in window) / max(sum(steps_s), 1e-12),
-               "parameters": n_params, "config": cfg.as_dict()}
+               "parameters": n_params, "config": cfg.as_dict(),
+               "optimizer_state_bytes": int(comm.allreduce(  # the most any rank keeps
+                   np.array([opt.state_nbytes], np.int64), op="max")[0])}
     if cfg.out and comm.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
