@@ -471,6 +471,53 @@ def test_measured_steps_report_the_averaged_gradients_error_against_the_exact_av
     dp.close()
 
 
+@pytest.mark.parametrize("optimizer,kwargs", [(ad.optim.Adam, {"lr": 1e-2, "amsgrad": True}),
+                                              (ad.optim.SGD, {"lr": 0.1, "momentum": 0.9})])
+def test_zero_state_consolidates_into_the_unsharded_optimizers_and_loads_back_anywhere(
+        comm, optimizer, kwargs):
+    """consolidated_state_dict() is the state_dict() of the unsharded optimizer on the same
+    gradients, entry for entry and bit for bit; it loads into that optimizer, into a ZeRO
+    optimizer, and the plain state into a ZeRO one: each continues exactly as the other."""
+    X, y = global_batch(8 * comm.size)
+
+    def train(opt, dp, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+            opt.step()
+
+    models, opts, dps = [], [], []
+    for sharded in (False, True):
+        model = make_model(hidden=24)
+        dp = ad.parallel.DataParallel(model, comm)
+        opt = (ad.parallel.ZeroRedundancyOptimizer(model.parameters(), optimizer, comm, **kwargs)
+               if sharded else optimizer(model.parameters(), **kwargs))
+        train(opt, dp, 3)
+        models.append(model), opts.append(opt), dps.append(dp)
+    plain, whole = opts[0].state_dict(), opts[1].consolidated_state_dict()
+    assert sorted(whole["state"]) == sorted(plain["state"]) and whole["param_groups"] == \
+        plain["param_groups"]
+    for i, entries in plain["state"].items():
+        assert sorted(entries) == sorted(whole["state"][i])
+        for k, v in entries.items():
+            np.testing.assert_array_equal(whole["state"][i][k], v, err_msg=f"{i} {k}")
+    # Swap: the plain optimizer takes the consolidated state, the ZeRO one the plain state.
+    opts[0].load_state_dict(whole)
+    opts[1].load_state_dict(plain)
+    for opt, dp in zip(opts, dps):
+        train(opt, dp, 2)
+    for a, b in zip(*(m.parameters() for m in models)):
+        np.testing.assert_array_equal(a.data, b.data)
+    fresh = ad.parallel.ZeroRedundancyOptimizer(models[1].parameters(), optimizer, comm,
+                                                **kwargs)
+    fresh.load_state_dict(opts[1].consolidated_state_dict())
+    for a, b in zip(fresh.shard, opts[1].shard):
+        for k, v in opts[1].local.state[b].items():
+            np.testing.assert_array_equal(fresh.local.state[a][k], v)
+    for dp in dps:
+        dp.close()
+
+
 def test_weight_gradients_are_written_into_the_buckets_with_the_same_result(comm, monkeypatch):
     """gradient_as_bucket_view: backward writes each Linear weight's gradient, pre-divided,
     straight into its bucket slot; the gradients are bit for bit those of the copying path

@@ -15,7 +15,10 @@ in the parameters' allgather) instead of 1.5 times that.
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +61,10 @@ class ZeroRedundancyOptimizer(Optimizer):
     def __init__(self, params: ParamsT, optimizer_class: type[Optimizer],
                  comm: Communicator | None = None, *, data_parallel: Any = None,
                  **defaults: Any) -> None:
+        # Every hyperparameter, the class's defaults included, as the unsharded one keeps them.
+        signature = inspect.signature(optimizer_class.__init__).parameters.values()
+        defaults = {**{q.name: q.default for q in signature
+                       if q.default is not inspect.Parameter.empty}, **defaults}
         super().__init__(params, defaults)
         self.comm = comm if comm is not None else Communicator()
         flat = [p for g in self.param_groups for p in g["params"]]
@@ -74,6 +81,7 @@ class ZeroRedundancyOptimizer(Optimizer):
         self.bounds = [r * total // size for r in range(size + 1)]
         lo, hi = self.bounds[rank], self.bounds[rank + 1]
         self._flat = flat
+        self._starts = [int(x) for x in starts[:-1]]  # where each parameter starts, flattened
         # This rank's piece of each parameter it has elements of: (param, start, stop, piece),
         # the piece a Tensor over elements [start, stop) of the flattened parameter.
         self._pieces: list[tuple[Tensor, int, int, Tensor]] = []
@@ -185,7 +193,13 @@ class ZeroRedundancyOptimizer(Optimizer):
                 "local": self.local.state_dict() if self.local is not None else {}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore what `state_dict()` gave on this rank (same rank, same number of ranks)."""
+        """Restore what `state_dict()` gave on this rank (same rank, same number of ranks), or
+        a whole optimizer's state (`consolidated_state_dict()` of any number of ranks, or the
+        `state_dict()` of an unsharded `optimizer_class` over the same parameters): this rank
+        keeps its slices of it."""
+        if "local" not in state_dict:
+            self._load_whole(state_dict)
+            return
         where = (int(state_dict["rank"]), int(state_dict["ranks"]))
         if where != (self.comm.rank, self.comm.size):
             raise ValueError(f"ZeroRedundancyOptimizer.load_state_dict: the state is rank "
@@ -195,6 +209,97 @@ class ZeroRedundancyOptimizer(Optimizer):
             g.update(saved)
         if self.local is not None:
             self.local.load_state_dict(state_dict["local"])
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        """The state as one unsharded `optimizer_class` over all the parameters would hold it
+        (PyTorch's consolidate_state_dict), on every rank: each per-element array gathered
+        from the ranks' slices (one Allgatherv per entry), the counters from their owners.
+        Collective. It loads into the unsharded optimizer, or into a ZeroRedundancyOptimizer
+        over any number of ranks; the arrays pass through every rank's memory at once."""
+        state = self.local.state if self.local is not None else {}
+        arrays, counters = set(), {}
+        for piece, entries in state.items():
+            for k, v in entries.items():
+                if isinstance(v, np.ndarray) and v.shape == piece.shape:
+                    arrays.add(k)
+                elif isinstance(v, (numbers.Number, np.generic)) and np.ndim(v) == 0:
+                    counters[k] = "int" if isinstance(v, (int, np.integer)) else "float"
+                else:
+                    raise TypeError(f"ZeroRedundancyOptimizer.consolidated_state_dict: state "
+                                    f"{k!r} is neither per element nor a number")
+        names = json.dumps([sorted(arrays), counters], sort_keys=True).encode()
+        for theirs in self.comm.allgatherv(np.frombuffer(names, np.uint8)):
+            their_arrays, their_counters = json.loads(theirs.tobytes())
+            arrays.update(their_arrays)
+            counters.update(their_counters)
+        arrays, keys = sorted(arrays), sorted(counters)
+        index = {id(p): i for i, p in enumerate(self._flat)}
+        # Row 0: whether a parameter has state; then one row per counter (max over ranks).
+        table = np.full((1 + len(keys), len(self._flat)), -np.inf)
+        for p, _, _, piece in self._pieces:
+            if piece in state:
+                table[0, index[id(p)]] = 1.0
+                for r, k in enumerate(keys, 1):
+                    table[r, index[id(p)]] = float(state[piece][k])
+        self.comm.allreduce(table, op="max", out=table)
+        whole: dict[int, dict[str, Any]] = {
+            i: {k: (int(table[r, i]) if counters[k] == "int" else float(table[r, i]))
+                for r, k in enumerate(keys, 1)}
+            for i in np.flatnonzero(table[0] > 0).tolist()}
+        lo, hi = self.bounds[self.comm.rank], self.bounds[self.comm.rank + 1]
+        for k in arrays:
+            mine = np.zeros(hi - lo, self._flat[0].dtype)
+            for p, a, b, piece in self._pieces:
+                if k in state.get(piece, {}):
+                    start = self._starts[index[id(p)]] + a - lo
+                    mine[start:start + b - a] = state[piece][k]
+            full = self.comm.allgatherv(mine, concat=True)
+            for i, entries in whole.items():
+                p, start = self._flat[i], self._starts[i]
+                entries[k] = full[start:start + p.size].reshape(p.shape).copy()
+        groups, start = [], 0
+        for g in self.param_groups:
+            n = len(g["params"])
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": list(range(start, start + n))})
+            start += n
+        return {"state": whole, "param_groups": groups}
+
+    def _load_whole(self, state_dict: dict[str, Any]) -> None:
+        """This rank's slices of a whole optimizer's state (see load_state_dict)."""
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("ZeroRedundancyOptimizer.load_state_dict: the state's parameter "
+                             "groups hold other numbers of parameters than this optimizer's")
+        for g, saved in zip(self.param_groups, groups):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+        if self.local is None:
+            return
+        saved_state = {int(i): s for i, s in state_dict["state"].items()}
+        index = {id(p): i for i, p in enumerate(self._flat)}
+        where = {id(piece): (p, a, b) for p, a, b, piece in self._pieces}
+        local_state, local_groups, start = {}, [], 0
+        for i, lg in zip(self._group_index, self.local.param_groups):
+            for j, piece in enumerate(lg["params"], start):
+                p, a, b = where[id(piece)]
+                entries = saved_state.get(index[id(p)])
+                if entries is None:
+                    continue
+                local_state[j] = {}
+                for k, v in entries.items():
+                    if np.ndim(v) == 0:
+                        local_state[j][k] = v
+                    elif np.shape(v) == p.shape:
+                        local_state[j][k] = np.reshape(np.asarray(v), -1)[a:b].copy()
+                    else:
+                        raise ValueError(f"ZeroRedundancyOptimizer.load_state_dict: state {k!r} "
+                                         f"of parameter {index[id(p)]} has shape "
+                                         f"{np.shape(v)}, the parameter {p.shape}")
+            n = len(lg["params"])
+            local_groups.append({**{k: v for k, v in self.param_groups[i].items()
+                                    if k != "params"}, "params": list(range(start, start + n))})
+            start += n
+        self.local.load_state_dict({"state": local_state, "param_groups": local_groups})
 
 
 def _flat_view(p: Tensor) -> np.ndarray:
