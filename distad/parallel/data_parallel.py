@@ -451,9 +451,9 @@ class DataParallel(Module):
             self._executor.shutdown(wait=True)
 
 
-
 def _fidelity(got: np.ndarray, exact: np.ndarray) -> tuple[float, float, float, float]:
-    """(||got - exact||^2, ||exact||^2, ||got||^2, <got, exact>) of one bucket, in float64."""
+    """(||got - exact||^2, ||exact||^2, ||got||^2, <got, exact>) of one bucket (BLAS dot
+    products in the bucket's dtype, as Python floats: summed over buckets in float64)."""
     diff = got - exact
     return (float(np.vdot(diff, diff)), float(np.vdot(exact, exact)),
             float(np.vdot(got, got)), float(np.vdot(got, exact)))

@@ -29,6 +29,7 @@ from ..comm import Communicator
 from ..optim import Optimizer
 from ..optim.clip import norm_terms, scale_grads, total_norm
 from ..optim.optimizer import ParamsT
+from .data_parallel import DataParallel
 
 __all__ = ["ZeroRedundancyOptimizer"]
 
@@ -54,12 +55,15 @@ class ZeroRedundancyOptimizer(Optimizer):
     (stage 2's exchange): after backward the `.grad` of a parameter holds the average only
     on this rank's elements, and is None for a parameter with none of them; clip with this
     optimizer's `clip_grad_norm`, not `ad.optim.clip_grad_norm`.
-    `state_dict()` is this rank's shard's state (checkpoint it per rank), and loads back only
-    on the same rank of the same number of ranks. All parameters must share one dtype.
+    `state_dict()` is this rank's shard's state (checkpoint it per rank; it loads back on the
+    same rank of the same number of ranks); `consolidated_state_dict()` is the whole state in
+    the unsharded optimizer's format, which loads anywhere. All parameters must share one
+    dtype.
     """
 
     def __init__(self, params: ParamsT, optimizer_class: type[Optimizer],
-                 comm: Communicator | None = None, *, data_parallel: Any = None,
+                 comm: Communicator | None = None, *,
+                 data_parallel: DataParallel | None = None,
                  **defaults: Any) -> None:
         # Every hyperparameter, the class's defaults included, as the unsharded one keeps them.
         signature = inspect.signature(optimizer_class.__init__).parameters.values()
