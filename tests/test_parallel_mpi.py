@@ -336,6 +336,36 @@ def test_zero_redundancy_optimizer_is_bitwise_the_unsharded_optimizer(comm, opti
         np.testing.assert_array_equal(a, b)
 
 
+def test_zero_keeps_parameters_in_one_flat_buffer_and_takes_back_replaced_data(comm):
+    """The parameters' data are views of the optimizer's flat buffer (the step's Allgatherv
+    fills it in place); a parameter whose data was replaced since is copied back in first,
+    and the run goes on exactly as the unsharded optimizer's."""
+    X, y = global_batch(8 * comm.size)
+    runs = []
+    for sharded in (False, True):
+        model = make_model()
+        dp = ad.parallel.DataParallel(model, comm)
+        opt = (ad.parallel.ZeroRedundancyOptimizer(model.parameters(), ad.optim.SGD, comm,
+                                                   lr=0.1, momentum=0.9)
+               if sharded else ad.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        params = list(model.parameters())
+        if sharded:
+            bases = {id(p.data.base) for p in params}
+            assert len(bases) == 1 and params[0].data.base is not None
+        for step in range(4):
+            if step == 2:
+                params[1].data = params[1].data * np.float32(0.5)  # a new array
+            opt.zero_grad()
+            ad.nn.functional.cross_entropy(dp(shard(X, comm)), shard(y, comm)).backward()
+            opt.step()
+        if sharded:
+            assert params[1].data.base is params[0].data.base  # home again
+        runs.append([p.data.copy() for p in params])
+        dp.close()
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_zero_redundancy_optimizer_state_dict_resumes_its_own_shard_only(comm):
     model = make_model()
     opt = ad.parallel.ZeroRedundancyOptimizer(model.parameters(), ad.optim.Adam, comm, lr=1e-2)

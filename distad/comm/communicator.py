@@ -250,6 +250,24 @@ class Communicator:
             return out
         return np.split(out, np.cumsum(rows)[:-1])
 
+    def allgatherv_in_place(self, buffer: np.ndarray, counts: Sequence[int]) -> np.ndarray:
+        """Fill a flat buffer whose rank-r piece, `counts[r]` elements from sum(counts[:r]),
+        rank r already holds: every rank ends with every piece (MPI_IN_PLACE Allgatherv, no
+        send buffer and no copy). Returns `buffer`."""
+        counts = [int(c) for c in counts]
+        buf = self._out_buffer("allgatherv_in_place", buffer, buffer.shape, buffer.dtype)
+        if buf.ndim != 1 or len(counts) != self._size or sum(counts) != buf.size:
+            raise ValueError(f"allgatherv_in_place: needs a 1-D buffer of sum(counts) elements "
+                             f"and one count per rank ({self._size}), got {_signature(buf)} "
+                             f"and counts {counts} on rank {self._rank}")
+        if self._check:
+            self._check_same("allgatherv_in_place", _signature(buf), counts)
+        try:
+            self._comm.Allgatherv(MPI.IN_PLACE, [buf, counts])
+        except MPI.Exception as exc:
+            raise _comm_error("allgatherv_in_place", self, buf, exc) from exc
+        return buf
+
     def alltoall(self, array: ArrayLike, out: np.ndarray | None = None) -> np.ndarray:
         """Personalised exchange: rank r sends array[j] to rank j and receives into out[j].
 

@@ -81,6 +81,11 @@ class ZeroRedundancyOptimizer(Optimizer):
         size, rank = self.comm.size, self.comm.rank
         starts = np.cumsum([0] + [p.size for p in flat])
         total = int(starts[-1])
+        # The parameters' data become views of one flat buffer (FSDP's flat parameter), so
+        # that the step's Allgatherv fills them in place.
+        self._data = np.empty(total, flat[0].dtype)
+        for p, s in zip(flat, starts):
+            self._home(p, int(s))
         # Rank r owns elements [bounds[r], bounds[r + 1]) of the flattened parameters.
         self.bounds = [r * total // size for r in range(size + 1)]
         lo, hi = self.bounds[rank], self.bounds[rank + 1]
@@ -89,6 +94,7 @@ class ZeroRedundancyOptimizer(Optimizer):
         # This rank's piece of each parameter it has elements of: (param, start, stop, piece),
         # the piece a Tensor over elements [start, stop) of the flattened parameter.
         self._pieces: list[tuple[Tensor, int, int, Tensor]] = []
+        self._piece_starts: list[int] = []  # where each piece's parameter starts, flattened
         self._clipped = False
         local_groups, self._group_index = [], []
         offset = iter(starts)
@@ -100,6 +106,7 @@ class ZeroRedundancyOptimizer(Optimizer):
                 if a < b:
                     piece = Tensor(_flat_view(p)[a:b], requires_grad=True)
                     self._pieces.append((p, a, b, piece))
+                    self._piece_starts.append(s)
                     mine.append(piece)
             if mine:
                 local_groups.append({**g, "params": mine})
@@ -119,10 +126,25 @@ class ZeroRedundancyOptimizer(Optimizer):
         ones this rank updates and keeps the optimizer state of."""
         return [piece for *_, piece in self._pieces]
 
+    def _home(self, p: Tensor, start: int) -> None:
+        """Make `p.data` the view of the flat buffer at `start` (copying its values there)
+        unless it is already (the parameter's data may have been replaced since)."""
+        where = self._data[start:start + p.size]
+        if (p.data.base is self._data and p.data.flags.c_contiguous
+                and p.data.__array_interface__["data"][0]
+                == where.__array_interface__["data"][0]):
+            return
+        if p.dtype != self._data.dtype:
+            raise TypeError(f"ZeroRedundancyOptimizer: parameter {p.shape} is now {p.dtype}, "
+                            f"the optimizer's parameters {self._data.dtype}")
+        where[...] = np.reshape(p.data, -1)
+        p.data = where.reshape(p.shape)
+
     def _point_pieces(self) -> None:
-        """Aim the pieces at the parameters' current data and, unless `clip_grad_norm` has
-        clipped them for this step, gradients (views, no copies)."""
-        for p, a, b, piece in self._pieces:
+        """Aim the pieces at the parameters' current data (in the flat buffer) and, unless
+        `clip_grad_norm` has clipped them for this step, gradients (views, no copies)."""
+        for (p, a, b, piece), start in zip(self._pieces, self._piece_starts):
+            self._home(p, start)
             piece.data = _flat_view(p)[a:b]
             if not self._clipped:
                 piece.grad = None if p.grad is None else np.reshape(p.grad, -1)[a:b]
@@ -143,14 +165,12 @@ class ZeroRedundancyOptimizer(Optimizer):
             for i, lg in zip(self._group_index, self.local.param_groups):
                 lg.update({k: v for k, v in self.param_groups[i].items() if k != "params"})
             self.local.step()
-        send = (np.concatenate([piece.data for *_, piece in self._pieces]) if self._pieces
-                else np.empty(0, self._flat[0].dtype))
-        full = self.comm.allgatherv(send, concat=True)
-        offset = 0
-        for p in self._flat:  # shards are contiguous and in rank order: so is `full`
-            np.copyto(p.data, full[offset:offset + p.size].reshape(p.shape))
+        for p, start in zip(self._flat, self._starts):  # (the others' data may be replaced)
+            self._home(p, start)
+        # This rank's slice of the flat buffer is updated in place: gather the others'.
+        self.comm.allgatherv_in_place(self._data, np.diff(self.bounds))
+        for p in self._flat:
             mark_modified(p)
-            offset += p.size
         return loss
 
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0,
