@@ -63,6 +63,14 @@ def test_one_rank_communicates_nothing():
     assert m.bcast(1e9, 1) == m.reduce_scatter(1e9, 1) == 0
 
 
+def test_reduce_scatter_moves_p_minus_1_over_p_of_the_bytes_in_log_p_messages():
+    """Recursive halving: log2(p) messages (not the pairwise exchange's p - 1 at large p),
+    (p-1)/p of the input over the link and through the reduction."""
+    m = net()
+    assert m.reduce_scatter(0, 1024) == pytest.approx(10 * m.alpha)
+    assert m.reduce_scatter(1e9, 4) == pytest.approx(2 * m.alpha + 0.75e9 * (m.beta + m.gamma))
+
+
 def test_link_rate_sets_beta():
     m = CollectiveModel.link(10, alpha=5e-6)
     assert m.beta == pytest.approx(8 / 10e9)

@@ -13,7 +13,7 @@ allreduce, rec. doubling  L (alpha + n beta + n gamma)
 allreduce, Rabenseifner   2 L alpha + 2 (p-1)/p n beta + (p-1)/p n gamma
 allgather (n per rank)    min(ring (p-1), rec. doubling L) alpha + (p-1) n beta
 alltoall (n sent)         (p-1) alpha + (p-1)/p n beta
-reduce_scatter (n in)     (p-1) alpha + (p-1)/p n (beta + gamma)
+reduce_scatter (n in)     min(pairwise (p-1), rec. halving L) alpha + (p-1)/p n (beta + gamma)
 bcast                     min(binomial L (alpha + n beta),
                           scatter+allgather (L + p - 1) alpha + 2 (p-1)/p n beta)
 ========================  =====================================================
@@ -246,7 +246,10 @@ class CollectiveModel:
         measured = self._fitted("reduce_scatter", p, nbytes)
         if measured is not None:
             return measured
-        return (p - 1) * self.alpha + (p - 1) / p * nbytes * (self.beta + self.gamma)
+        # Pairwise exchange or recursive halving (MPICH's two for commutative operations):
+        # the same bytes, p - 1 or log2(p) messages.
+        steps = min(p - 1, _steps(p))
+        return steps * self.alpha + (p - 1) / p * nbytes * (self.beta + self.gamma)
 
     def bcast(self, nbytes: float, p: int) -> float:
         """Seconds for a Bcast of nbytes to p ranks."""
