@@ -145,6 +145,21 @@ def test_reduce_scatterv_gives_each_rank_its_piece_of_the_sum_pieces_of_any_leng
     np.testing.assert_allclose(got, total[start:start + counts[comm.rank]], **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_allgatherv_in_place_fills_every_ranks_piece_of_a_flat_buffer(comm, dtype):
+    counts = [(2 * r + 1) % 4 for r in range(comm.size)]  # uneven, and one rank of 4 has none
+    starts = np.cumsum([0, *counts])
+    everyone = all_data(comm.size, dtype, (int(starts[-1]),))
+    buf = np.zeros(int(starts[-1]), dtype)
+    mine = slice(starts[comm.rank], starts[comm.rank + 1])
+    buf[mine] = everyone[comm.rank][mine]  # rank r holds only its own piece
+    assert comm.allgatherv_in_place(buf, counts) is buf
+    expected = np.concatenate([everyone[r][starts[r]:starts[r + 1]] for r in range(comm.size)])
+    np.testing.assert_array_equal(buf, expected)
+    with pytest.raises(ValueError, match=r"allgatherv_in_place: .*counts"):
+        comm.allgatherv_in_place(buf, [1] * comm.size)
+
+
 def test_reduce_scatterv_refuses_counts_that_do_not_cover_the_array(comm):
     x = np.ones(4 * comm.size, np.float32)
     with pytest.raises(ValueError, match=r"reduce_scatterv: .*counts \[1"):
