@@ -231,6 +231,14 @@ def test_accumulate_is_refused_with_model_parallelism():
         from_args(parser().parse_args(["--parallel", "pp", "--accumulate", "2"]))
 
 
+def test_grad_error_every_is_refused_with_model_parallelism():
+    from distad.train.config import from_args, parser
+
+    with pytest.raises(SystemExit, match="--grad-error-every"):
+        from_args(parser().parse_args(["--parallel", "dp,pp", "--grad-error-every", "5"]))
+    assert from_args(parser().parse_args(["--grad-error-every", "5"])).grad_error_every == 5
+
+
 def test_zero_is_refused_without_data_parallel_replicas_or_with_lbfgs():
     from distad.train.config import from_args, parser
 

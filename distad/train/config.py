@@ -138,6 +138,9 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.zero and ("dp" not in cfg.parallel.split(",") or cfg.optimizer == "lbfgs"):
         raise SystemExit("distad train: --zero shards over the data-parallel replicas: it "
                          "needs dp in --parallel, and sgd, adam or adamw")
+    if cfg.grad_error_every < 0 or (cfg.grad_error_every and cfg.parallel != "dp"):
+        raise SystemExit("distad train: --grad-error-every must be >= 0, and above 0 only with "
+                         "--parallel dp (the data-parallel job logs it)")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
     if cfg.norm != "none" and "pp" in cfg.parallel:
