@@ -298,3 +298,20 @@ def test_zero_over_the_replicas_of_a_model_parallel_job_gives_the_same_run(
         np.testing.assert_array_equal(models[("--zero",)][k], plain[k], err_msg=k)
         np.testing.assert_allclose(models[("--zero", "--clip", "0.3")][k], clipped[k],
                                    rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_zero_with_compressed_gradients_is_stage_1_and_the_same_run(tmp_path, mpiexec,
+                                                                   launch_env):
+    """--zero --compress: the compressor averages the gradients (its error feedback and
+    PowerSGD state per rank as before), then each rank updates its slice: bit for bit the
+    compressed run without --zero."""
+    common = ["--epochs", "1", "--batch-size", "16", "--hidden", "32", "--optimizer", "adam",
+              "--lr", "0.01", "--compress", "powersgd:2+ef"]
+    models = []
+    for extra in ((), ("--zero",)):
+        out = tmp_path / ("zero" if extra else "plain")
+        r = _train([*common, *extra, "--out", str(out)], launch_env, mpiexec, 2)
+        assert r.returncode == 0, r.stderr
+        models.append(load_state(out / "model.npz")["model"])
+    for k in models[0]:
+        np.testing.assert_array_equal(models[1][k], models[0][k], err_msg=k)
