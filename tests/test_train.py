@@ -315,3 +315,22 @@ def test_zero_with_compressed_gradients_is_stage_1_and_the_same_run(tmp_path, mp
         models.append(load_state(out / "model.npz")["model"])
     for k in models[0]:
         np.testing.assert_array_equal(models[1][k], models[0][k], err_msg=k)
+
+
+def test_study_compress_writes_the_table_plots_and_each_specs_gradient_error(tmp_path, mpiexec,
+                                                                              launch_env):
+    """`distad study compress` at 2 ranks: one row per spec, the exact run's bytes and
+    error as references (error 0, cosine 1), top-k's ratio and a positive error, and the
+    three plots."""
+    out = tmp_path / "study"
+    cmd = [str(mpiexec), "-n", "2", sys.executable, "-m", "distad", "study", "compress",
+           "--specs", "none,topk:0.05+ef", "--epochs", "1", "--hidden", "32", "--no-progress",
+           "--grad-error-every", "2", "--out", str(out)]
+    r = subprocess.run(cmd, env=launch_env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    rows = {row["spec"]: row for row in json.loads((out / "study.json").read_text())["rows"]}
+    assert rows["none"]["grad_error"] == 0 and rows["none"]["grad_cosine"] == pytest.approx(1)
+    assert rows["topk:0.05+ef"]["ratio"] > 5 and rows["topk:0.05+ef"]["grad_error"] > 0
+    assert "grad cosine" in (out / "study.md").read_text()
+    for png in ("loss_vs_step.png", "loss_vs_bytes.png", "fidelity_vs_ratio.png"):
+        assert (out / png).stat().st_size > 1000, png

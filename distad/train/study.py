@@ -3,7 +3,9 @@
 For each spec it runs `distad train` in-process (every rank loops over the
 specs together), then rank 0 writes a table (final accuracy, bytes per step,
 compression ratio, time per step by phase) as markdown, CSV and JSON, and two
-plots: loss against step, and loss against bytes sent.
+plots: loss against step, and loss against bytes sent. With --grad-error-every the table
+also has each spec's mean error and cosine against the exact average gradient, and a third
+plot shows the cosine against the compression ratio.
 
     mpiexec -n 4 distad study compress --specs none,fp16,qsgd:16,topk:0.01+ef,powersgd:2+ef \\
         --epochs 20 --out runs/study
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(out, rows, results)
         print(markdown(rows))
         print(f"\nwrote {out}/study.md, study.csv, study.json, loss_vs_step.png, "
-              "loss_vs_bytes.png")
+              "loss_vs_bytes.png" + (", fidelity_vs_ratio.png" if args.grad_error_every else ""))
     return 0
 
 
@@ -107,6 +109,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], results: list[dict[str,
         w.writerows(rows)
     (out / "study.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=1))
     _plots(out, results)
+    if all("grad_cosine" in r for r in rows):
+        _fidelity_plot(out, rows)
 
 
 def _plots(out: Path, results: list[dict[str, Any]]) -> None:
@@ -139,6 +143,32 @@ def _plots(out: Path, results: list[dict[str, Any]]) -> None:
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
+
+
+def _fidelity_plot(out: Path, rows: list[dict[str, Any]]) -> None:
+    """What each spec keeps of the gradient against what it saves in bytes (with
+    --grad-error-every): the mean cosine to the exact average against the compression ratio,
+    the point's colour its change in test accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    dots = ax.scatter([r["ratio"] for r in rows], [r["grad_cosine"] for r in rows],
+                      c=[r["delta_acc_pp"] for r in rows], cmap="RdYlGn", vmin=-5, vmax=5,
+                      s=60, edgecolors="k", linewidths=0.5)
+    for r in rows:
+        ax.annotate(r["spec"], (r["ratio"], r["grad_cosine"]), fontsize=8,
+                    xytext=(5, 3), textcoords="offset points")
+    fig.colorbar(dots, ax=ax, label="test accuracy change (pp)")
+    ax.set(xscale="log", xlabel="compression ratio (bytes, none / spec)",
+           ylabel="mean cosine to the exact average gradient",
+           title="What each compressor keeps of the gradient")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "fidelity_vs_ratio.png", dpi=120)
+    plt.close(fig)
 
 
 def _smooth(values: list[float], alpha: float = 0.1) -> list[float]:
