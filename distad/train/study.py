@@ -162,7 +162,9 @@ def _fidelity_plot(out: Path, rows: list[dict[str, Any]]) -> None:
         ax.annotate(r["spec"], (r["ratio"], r["grad_cosine"]), fontsize=8,
                     xytext=(5, 3), textcoords="offset points")
     fig.colorbar(dots, ax=ax, label="test accuracy change (pp)")
-    ax.set(xscale="log", xlabel="compression ratio (bytes, none / spec)",
+    ratios = [r["ratio"] for r in rows if r["ratio"] > 0]
+    ax.set(xscale="log", xlim=(min(ratios) / 1.5, max(ratios) * 4), ylim=(-0.05, 1.08),
+           xlabel="compression ratio (bytes, none / spec)",
            ylabel="mean cosine to the exact average gradient",
            title="What each compressor keeps of the gradient")
     ax.grid(alpha=0.3)
