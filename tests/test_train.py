@@ -236,6 +236,10 @@ def test_grad_error_every_is_refused_with_model_parallelism():
 
     with pytest.raises(SystemExit, match="--grad-error-every"):
         from_args(parser().parse_args(["--parallel", "dp,pp", "--grad-error-every", "5"]))
+    with pytest.raises(SystemExit, match="with --zero and no --compress"):
+        from_args(parser().parse_args(["--zero", "--grad-error-every", "5"]))
+    assert from_args(parser().parse_args(["--zero", "--grad-error-every", "5", "--compress",
+                                          "fp16"])).zero
     assert from_args(parser().parse_args(["--grad-error-every", "5"])).grad_error_every == 5
 
 

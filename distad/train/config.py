@@ -141,6 +141,10 @@ def from_args(args: argparse.Namespace) -> TrainConfig:
     if cfg.grad_error_every < 0 or (cfg.grad_error_every and cfg.parallel != "dp"):
         raise SystemExit("distad train: --grad-error-every must be >= 0, and above 0 only with "
                          "--parallel dp (the data-parallel job logs it)")
+    if cfg.grad_error_every and cfg.zero and cfg.compress == "none":
+        raise SystemExit("distad train: --grad-error-every measures a compressor's error; with "
+                         "--zero and no --compress each rank has only its slice of the exact "
+                         "average, with nothing to compare")
     if cfg.batch_size < 1 or cfg.epochs < 1:
         raise SystemExit("distad train: --batch-size and --epochs must be at least 1")
     if cfg.norm != "none" and "pp" in cfg.parallel:
