@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 
-from distad._blocked import block_slices
 from distad.autodiff import Tensor
 
 from .optimizer import Optimizer, ParamsT
@@ -57,18 +56,8 @@ class Adam(Optimizer):
         decay = 1.0 - lr * wd if wd and self._decoupled else None  # AdamW's, else L2's wd
         consts = (decay, b1, b2, 0.0 if decay is not None else wd, eps,
                   math.sqrt(1.0 - b2**t), lr / (1.0 - b1**t))
-        w, g = p.data, np.asarray(grad)
-        m, v, vmax = state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")
-        if not (w.flags.c_contiguous and g.flags.c_contiguous and g.dtype == w.dtype):
-            _adam_kernel(w, g, m, v, vmax, consts, np.empty_like(w), np.empty_like(w))
-            return
-        w, g, m, v = w.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
-        vmax = None if vmax is None else vmax.reshape(-1)
-        t1, t2 = self._scratch(w.dtype)
-        for s in block_slices(w.size):
-            k = s.stop - s.start
-            _adam_kernel(w[s], g[s], m[s], v[s], None if vmax is None else vmax[s], consts,
-                         t1[:k], t2[:k])
+        self._blocked(_adam_kernel, (p.data, np.asarray(grad), state["exp_avg"],
+                                     state["exp_avg_sq"], state.get("max_exp_avg_sq")), consts)
 
 
 def _adam_kernel(w: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray,

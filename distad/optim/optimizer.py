@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from distad._blocked import BLOCK
+from distad._blocked import BLOCK, block_slices
 from distad.autodiff import Tensor, enable_grad, mark_modified
 
 __all__ = ["Optimizer"]
@@ -97,13 +97,25 @@ class Optimizer:
     def _update(self, p: Tensor, grad: np.ndarray, state: dict, group: dict) -> None:
         raise NotImplementedError
 
-    def _scratch(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """Two block-sized arrays of ``dtype``, kept from step to step: the temporaries of
-        an update applied block by block (distad._blocked), which then stay in cache."""
+    def _blocked(self, kernel: Callable[..., None], arrays: Sequence[np.ndarray | None],
+                 *args: Any) -> None:
+        """`kernel(*arrays, *args, t1, t2)` on consecutive blocks of `arrays` (the weights
+        first, then arrays of their shape: gradient, state; None passes through), with two
+        scratch arrays kept from step to step, so that the kernel's chain of operations stays
+        in cache (distad._blocked). Arrays that are not C-contiguous, or not of the weights'
+        dtype, get one call on the whole arrays with fresh scratch instead."""
+        w = arrays[0]
+        if not all(a is None or (a.flags.c_contiguous and a.dtype == w.dtype) for a in arrays):
+            kernel(*arrays, *args, np.empty_like(w), np.empty_like(w))
+            return
+        flat = [None if a is None else a.reshape(-1) for a in arrays]
         cache = self.__dict__.setdefault("_blocks", {})
-        if dtype not in cache:
-            cache[dtype] = (np.empty(BLOCK, dtype), np.empty(BLOCK, dtype))
-        return cache[dtype]
+        if w.dtype not in cache:
+            cache[w.dtype] = (np.empty(BLOCK, w.dtype), np.empty(BLOCK, w.dtype))
+        t1, t2 = cache[w.dtype]
+        for s in block_slices(w.size):
+            k = s.stop - s.start
+            kernel(*(None if a is None else a[s] for a in flat), *args, t1[:k], t2[:k])
 
     # ---- state ---------------------------------------------------------------------------
     def _indexed_params(self) -> list[Tensor]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from distad._blocked import block_slices
 from distad.autodiff import Tensor
 
 from .optimizer import Optimizer, ParamsT
@@ -45,16 +44,7 @@ class SGD(Optimizer):
         first = buf is None
         if group["momentum"] and first:
             buf = state["momentum_buffer"] = np.empty_like(p.data)
-        w, g = p.data, np.asarray(grad)
-        if not (w.flags.c_contiguous and g.flags.c_contiguous and g.dtype == w.dtype):
-            _sgd_kernel(w, g, buf, first, group, np.empty_like(w), np.empty_like(w))
-            return
-        w, g = w.reshape(-1), g.reshape(-1)
-        b = None if buf is None else buf.reshape(-1)
-        t1, t2 = self._scratch(w.dtype)
-        for s in block_slices(w.size):
-            k = s.stop - s.start
-            _sgd_kernel(w[s], g[s], None if b is None else b[s], first, group, t1[:k], t2[:k])
+        self._blocked(_sgd_kernel, (p.data, np.asarray(grad), buf), first, group)
 
 
 def _sgd_kernel(w: np.ndarray, g: np.ndarray, buf: np.ndarray | None, first: bool,
