@@ -121,18 +121,23 @@ class Optimizer:
     def _indexed_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def state_dict(self) -> dict[str, Any]:
-        """A deep copy of state and hyperparameters, parameters referred to by index."""
-        params = self._indexed_params()
-        index = {id(p): i for i, p in enumerate(params)}
-        state = {index[id(p)]: _copy_state(s) for p, s in self.state.items() if id(p) in index}
+    def _indexed_groups(self) -> list[dict[str, Any]]:
+        """The parameter groups as state_dict() gives them: hyperparameters (copied), and
+        the parameters as their indices in group order."""
         groups, start = [], 0
         for g in self.param_groups:
             n = len(g["params"])
             groups.append({**{k: copy.deepcopy(v) for k, v in g.items() if k != "params"},
                            "params": list(range(start, start + n))})
             start += n
-        return {"state": dict(sorted(state.items())), "param_groups": groups}
+        return groups
+
+    def state_dict(self) -> dict[str, Any]:
+        """A deep copy of state and hyperparameters, parameters referred to by index."""
+        params = self._indexed_params()
+        index = {id(p): i for i, p in enumerate(params)}
+        state = {index[id(p)]: _copy_state(s) for p, s in self.state.items() if id(p) in index}
+        return {"state": dict(sorted(state.items())), "param_groups": self._indexed_groups()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore state and hyperparameters saved by `state_dict()` (copied, cast to dtypes)."""

@@ -94,7 +94,6 @@ class ZeroRedundancyOptimizer(Optimizer):
         # This rank's piece of each parameter it has elements of: (param, start, stop, piece),
         # the piece a Tensor over elements [start, stop) of the flattened parameter.
         self._pieces: list[tuple[Tensor, int, int, Tensor]] = []
-        self._piece_starts: list[int] = []  # where each piece's parameter starts, flattened
         self._clipped = False
         local_groups, self._group_index = [], []
         offset = iter(starts)
@@ -103,10 +102,9 @@ class ZeroRedundancyOptimizer(Optimizer):
             for p in g["params"]:
                 s = int(next(offset))
                 a, b = max(lo, s) - s, min(hi, s + p.size) - s
-                if a < b:
-                    piece = Tensor(_flat_view(p)[a:b], requires_grad=True)
+                if a < b:  # a view of the flat buffer, which the parameter's data also is
+                    piece = Tensor(self._data[s + a:s + b], requires_grad=True)
                     self._pieces.append((p, a, b, piece))
-                    self._piece_starts.append(s)
                     mine.append(piece)
             if mine:
                 local_groups.append({**g, "params": mine})
@@ -140,14 +138,19 @@ class ZeroRedundancyOptimizer(Optimizer):
         where[...] = np.reshape(p.data, -1)
         p.data = where.reshape(p.shape)
 
-    def _point_pieces(self) -> None:
-        """Aim the pieces at the parameters' current data (in the flat buffer) and, unless
-        `clip_grad_norm` has clipped them for this step, gradients (views, no copies)."""
-        for (p, a, b, piece), start in zip(self._pieces, self._piece_starts):
-            self._home(p, start)
-            piece.data = _flat_view(p)[a:b]
-            if not self._clipped:
-                piece.grad = None if p.grad is None else np.reshape(p.grad, -1)[a:b]
+    def _point_grads(self) -> None:
+        """Aim the pieces at the parameters' current gradients (views, no copies), unless
+        `clip_grad_norm` has clipped them for this step."""
+        if self._clipped:
+            return
+        for p, a, b, piece in self._pieces:
+            piece.grad = None if p.grad is None else np.reshape(p.grad, -1)[a:b]
+
+    def _sync_hyperparameters(self) -> None:
+        """Copy each group's hyperparameters (a schedule may have changed them) to the local
+        optimizer's groups."""
+        for i, lg in zip(self._group_index, self.local.param_groups):
+            lg.update({k: v for k, v in self.param_groups[i].items() if k != "params"})
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -159,14 +162,13 @@ class ZeroRedundancyOptimizer(Optimizer):
         if closure is not None:
             with enable_grad():
                 loss = closure()
-        self._point_pieces()
+        for p, start in zip(self._flat, self._starts):  # data replaced since: copied back in
+            self._home(p, start)
+        self._point_grads()
         self._clipped = False
         if self.local is not None:
-            for i, lg in zip(self._group_index, self.local.param_groups):
-                lg.update({k: v for k, v in self.param_groups[i].items() if k != "params"})
+            self._sync_hyperparameters()
             self.local.step()
-        for p, start in zip(self._flat, self._starts):  # (the others' data may be replaced)
-            self._home(p, start)
         # This rank's slice of the flat buffer is updated in place: gather the others'.
         self.comm.allgatherv_in_place(self._data, np.diff(self.bounds))
         for p in self._flat:
@@ -187,7 +189,7 @@ class ZeroRedundancyOptimizer(Optimizer):
         distinct elements (an allreduce, 2-norm only), and `weight(p)` scales parameter p's
         part (1/tp for a parameter every tensor-parallel rank holds a copy of)."""
         self._clipped = False
-        self._point_pieces()
+        self._point_grads()
         mine = [(p, piece) for p, _, _, piece in self._pieces if piece.grad is not None]
         terms = norm_terms([piece.grad for _, piece in mine], norm_type)
         if comm is None and weight is None:
@@ -281,13 +283,7 @@ class ZeroRedundancyOptimizer(Optimizer):
             for i, entries in whole.items():
                 p, start = self._flat[i], self._starts[i]
                 entries[k] = full[start:start + p.size].reshape(p.shape).copy()
-        groups, start = [], 0
-        for g in self.param_groups:
-            n = len(g["params"])
-            groups.append({**{k: v for k, v in g.items() if k != "params"},
-                           "params": list(range(start, start + n))})
-            start += n
-        return {"state": whole, "param_groups": groups}
+        return {"state": whole, "param_groups": self._indexed_groups()}
 
     def _load_whole(self, state_dict: dict[str, Any]) -> None:
         """This rank's slices of a whole optimizer's state (see load_state_dict)."""
@@ -302,33 +298,23 @@ class ZeroRedundancyOptimizer(Optimizer):
         saved_state = {int(i): s for i, s in state_dict["state"].items()}
         index = {id(p): i for i, p in enumerate(self._flat)}
         where = {id(piece): (p, a, b) for p, a, b, piece in self._pieces}
-        local_state, local_groups, start = {}, [], 0
-        for i, lg in zip(self._group_index, self.local.param_groups):
-            for j, piece in enumerate(lg["params"], start):
-                p, a, b = where[id(piece)]
-                entries = saved_state.get(index[id(p)])
-                if entries is None:
-                    continue
-                local_state[j] = {}
-                for k, v in entries.items():
-                    if np.ndim(v) == 0:
-                        local_state[j][k] = v
-                    elif np.shape(v) == p.shape:
-                        local_state[j][k] = np.reshape(np.asarray(v), -1)[a:b].copy()
-                    else:
-                        raise ValueError(f"ZeroRedundancyOptimizer.load_state_dict: state {k!r} "
-                                         f"of parameter {index[id(p)]} has shape "
-                                         f"{np.shape(v)}, the parameter {p.shape}")
-            n = len(lg["params"])
-            local_groups.append({**{k: v for k, v in self.param_groups[i].items()
-                                    if k != "params"}, "params": list(range(start, start + n))})
-            start += n
-        self.local.load_state_dict({"state": local_state, "param_groups": local_groups})
-
-
-def _flat_view(p: Tensor) -> np.ndarray:
-    """`p.data` as a 1-D view (never a copy: the optimizer writes through it)."""
-    if not p.data.flags.c_contiguous:
-        raise ValueError(f"ZeroRedundancyOptimizer: parameter data must be C-contiguous, got "
-                         f"{p.dtype} {p.shape} with strides {p.data.strides}")
-    return p.data.reshape(-1)
+        local_state = {}
+        pieces = [q for lg in self.local.param_groups for q in lg["params"]]
+        for j, piece in enumerate(pieces):
+            p, a, b = where[id(piece)]
+            entries = saved_state.get(index[id(p)])
+            if entries is None:
+                continue
+            local_state[j] = {}
+            for k, v in entries.items():
+                if np.ndim(v) == 0:
+                    local_state[j][k] = v
+                elif np.shape(v) == p.shape:
+                    local_state[j][k] = np.reshape(np.asarray(v), -1)[a:b].copy()
+                else:
+                    raise ValueError(f"ZeroRedundancyOptimizer.load_state_dict: state {k!r} of "
+                                     f"parameter {index[id(p)]} has shape {np.shape(v)}, the "
+                                     f"parameter {p.shape}")
+        self._sync_hyperparameters()
+        self.local.load_state_dict({"state": local_state,
+                                    "param_groups": self.local._indexed_groups()})
