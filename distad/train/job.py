@@ -31,6 +31,7 @@ from .loop import (
     FaultInjection,
     SynchronisedGC,
     checkpoint_due,
+    largest_optimizer_state,
     progress_bar,
     resumable_batches,
 )
@@ -308,9 +309,7 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
                **{f"{k}_per_step": v for k, v in per_step.items()}, "config": cfg.as_dict()}
     if fidelity:
         summary["grad_error"], summary["grad_cosine"] = map(float, np.mean(fidelity, axis=0))
-    # The most any rank keeps of optimizer state (with --zero, its shard's).
-    summary["optimizer_state_bytes"] = int(comm.allreduce(
-        np.array([opt.state_nbytes], np.int64), op="max")[0])
+    summary["optimizer_state_bytes"] = largest_optimizer_state(opt, comm)
     if cfg.out and comm.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

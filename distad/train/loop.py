@@ -15,6 +15,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from .config import TrainConfig
 
 
@@ -80,6 +82,12 @@ def checkpoint_due(cfg: TrainConfig, step: int, end_of_epoch: bool) -> bool:
     if cfg.checkpoint_every:
         return step % cfg.checkpoint_every == 0
     return end_of_epoch
+
+
+def largest_optimizer_state(opt: Any, comm: Any) -> int:
+    """The bytes of optimizer state the rank that keeps most keeps (with --zero, a shard).
+    Collective over `comm`."""
+    return int(comm.allreduce(np.array([opt.state_nbytes], np.int64), op="max")[0])
 
 
 class FaultInjection:

@@ -52,6 +52,7 @@ from .loop import (
     FaultInjection,
     SynchronisedGC,
     checkpoint_due,
+    largest_optimizer_state,
     progress_bar,
     resumable_batches,
 )
@@ -323,8 +324,7 @@ def run_model_parallel(cfg: TrainConfig, comm: Communicator | None = None) -> di
                "seconds": elapsed, "median_step_s": float(np.median(steps_s)) if steps_s else 0,
                "samples_per_s": sum(w[1] for w in window) / max(sum(steps_s), 1e-12),
                "parameters": n_params, "config": cfg.as_dict(),
-               "optimizer_state_bytes": int(comm.allreduce(  # the most any rank keeps
-                   np.array([opt.state_nbytes], np.int64), op="max")[0])}
+               "optimizer_state_bytes": largest_optimizer_state(opt, comm)}
     if cfg.out and comm.rank == 0:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
