@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         write_outputs(out, rows, results)
         print(markdown(rows))
         print(f"\nwrote {out}/study.md, study.csv, study.json, loss_vs_step.png, "
-              "loss_vs_bytes.png" + (", fidelity_vs_ratio.png" if args.grad_error_every else ""))
+              "loss_vs_bytes.png" + (", fidelity_vs_ratio.png" if _measured(rows) else ""))
     return 0
 
 
@@ -85,7 +85,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    fidelity = all("grad_error" in r for r in rows)  # with --grad-error-every
+    fidelity = _measured(rows)
     head = ("| spec | test acc | Δ acc (pp) | bytes/step/rank | ratio | ms/step | compute | "
             "compress | communicate | decompress | wait |" +
             (" grad error | grad cosine |" if fidelity else ""))
@@ -108,12 +108,15 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], results: list[dict[str,
         w.writeheader()
         w.writerows(rows)
     (out / "study.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=1))
-    _plots(out, results)
-    if all("grad_cosine" in r for r in rows):
-        _fidelity_plot(out, rows)
+    _plots(out, results, rows)
 
 
-def _plots(out: Path, results: list[dict[str, Any]]) -> None:
+def _measured(rows: list[dict[str, Any]]) -> bool:
+    """Whether the runs measured the gradient error (--grad-error-every)."""
+    return all("grad_error" in r for r in rows)
+
+
+def _plots(out: Path, results: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,17 +146,14 @@ def _plots(out: Path, results: list[dict[str, Any]]) -> None:
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
+    if _measured(rows):
+        _fidelity_plot(out, rows, plt)
 
 
-def _fidelity_plot(out: Path, rows: list[dict[str, Any]]) -> None:
+def _fidelity_plot(out: Path, rows: list[dict[str, Any]], plt: Any) -> None:
     """What each spec keeps of the gradient against what it saves in bytes (with
     --grad-error-every): the mean cosine to the exact average against the compression ratio,
     the point's colour its change in test accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     dots = ax.scatter([r["ratio"] for r in rows], [r["grad_cosine"] for r in rows],
                       c=[r["delta_acc_pp"] for r in rows], cmap="RdYlGn", vmin=-5, vmax=5,
