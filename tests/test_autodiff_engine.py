@@ -167,6 +167,16 @@ def test_hooks_fire_when_the_gradient_is_final_and_may_replace_it():
     np.testing.assert_allclose(w.grad, 10 * seen[0])
 
 
+def test_hook_count_follows_registration_and_removal():
+    w = ad.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    assert w.hook_count == 0
+    remove = w.register_hook(lambda g: None)
+    w.register_hook(lambda g: None)
+    assert w.hook_count == 2
+    remove()
+    assert w.hook_count == 1
+
+
 def test_leaf_gradients_are_final_in_reverse_layer_order():
     """The order data parallelism relies on: the last layer's weight first."""
     order = []

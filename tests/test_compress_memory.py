@@ -133,6 +133,43 @@ def test_resumed_gradient_compression_matches_an_uninterrupted_one_bit_for_bit(s
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("spec", ["topk:0.05+ef", "powersgd:2+ef", "topk:0.05+dgc"])
+@pytest.mark.parametrize("old,new", [(4, 2), (2, 3)])
+def test_regrouped_state_keeps_what_the_ranks_owe_the_average(spec, old, new):
+    """Elastic resume: every new rank's memory is the old ranks' mean (so the mean over ranks,
+    what the next averaged update adds, is unchanged); Q and the shared stream are rank 0's;
+    rank j keeps old rank j's stream, a new rank gets a fresh one."""
+    states = []
+    for r, g in enumerate(gradients(old, n=4096)):
+        run = C.get(spec, seed=3)
+        # the streams reduce_bucket makes on rank r of a real run (here every run is rank 0)
+        run._rank_rng, run._shared_rng = (np.random.default_rng(s) for s in ([3, 0, r], [3, 1]))
+        run.reduce_bucket(MPI.COMM_SELF, 0, g * (r + 1), shapes=[(64, 60), (256,)])
+        states.append(run.state_dict())
+    regrouped = [C.get(spec, seed=3).regroup_state_dicts(states, j) for j in range(new)]
+    for key in states[0]:
+        if key.startswith("memory."):
+            want = np.mean([s[key] for s in states], axis=0)
+            assert not np.array_equal(states[0][key], states[1][key])
+            mean = np.mean([s[key] for s in regrouped], axis=0)
+            np.testing.assert_allclose(mean, want, rtol=1e-6, atol=1e-6)
+        elif key == "rng.rank":
+            for j, s in enumerate(regrouped):
+                fresh = C.gradient_compression.rng_state_array(np.random.default_rng([3, 0, j]))
+                np.testing.assert_array_equal(s[key], states[j][key] if j < old else fresh)
+        else:
+            assert all(np.array_equal(s[key], states[0][key]) for s in regrouped)
+    C.get(spec, seed=3).load_state_dict(regrouped[-1])  # loads
+
+
+def test_regroup_refuses_states_of_different_runs():
+    a, b = C.get("topk:0.1+ef"), C.get("topk:0.1+ef")
+    a.reduce_bucket(MPI.COMM_SELF, 0, gradients(1, n=512)[0])
+    b.reduce_bucket(MPI.COMM_SELF, 1, gradients(1, n=512)[0])
+    with pytest.raises(ValueError, match="rank 1's state has keys"):
+        a.regroup_state_dicts([a.state_dict(), b.state_dict()], 0)
+
+
 def test_gradient_compression_load_rejects_unknown_keys():
     with pytest.raises(ValueError, match=r"unexpected keys \['rng.other'\]"):
         C.get("topk:0.1+ef").load_state_dict({"rng.other": np.zeros(6, np.uint64)})

@@ -387,6 +387,32 @@ def test_sampler_rank_batches_together_equal_the_single_process_batch(p):
         np.testing.assert_array_equal(np.sort(union), np.sort(global_batch))
 
 
+@pytest.mark.parametrize("n,p_old,p_new,b,steps", [(96, 2, 4, 4, 5), (97, 4, 3, 5, 2),
+                                                   (50, 3, 1, 2, 7), (1797, 4, 2, 16, 11)])
+def test_sampler_start_shares_out_the_rest_of_the_epoch_a_run_on_other_ranks_left(
+        n, p_old, p_new, b, steps):
+    """After k steps on p ranks of b samples, entries [0, k p b) of the epoch's order are used;
+    with start = k p b the new ranks' shards hold the rest, each entry once (plus padding)."""
+    used = np.concatenate([DistributedSampler(n, p_old, r, seed=3).indices()[:steps * b]
+                           for r in range(p_old)])
+    order = shard_indices(n, 1, 0, seed=3)
+    np.testing.assert_array_equal(np.sort(used), np.sort(order[:steps * p_old * b]))
+    rest = np.concatenate([shard_indices(n, p_new, r, seed=3, start=steps * p_old * b)
+                           for r in range(p_new)])
+    assert len(rest) == -(-(n - steps * p_old * b) // p_new) * p_new
+    np.testing.assert_array_equal(np.unique(rest), np.sort(order[steps * p_old * b:]))
+    sampler = DistributedSampler(n, p_new, 0, seed=3)
+    sampler.set_epoch(0, steps * p_old * b)
+    assert len(sampler) == len(rest) // p_new
+    sampler.set_epoch(1)
+    assert len(sampler) == -(-n // p_new)
+
+
+def test_sampler_start_must_leave_part_of_the_epoch():
+    with pytest.raises(ValueError, match="start 10 leaves nothing of an epoch of n=10"):
+        shard_indices(10, 2, 0, start=10)
+
+
 @pytest.mark.parametrize(
     ("args", "kwargs", "error", "match"),
     [

@@ -175,6 +175,18 @@ def test_linear_warmup_rises_linearly_then_hands_over():
     assert got == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 0.5, 0.0])
 
 
+def test_schedule_seek_sets_the_rates_that_stepping_reaches():
+    opt = sgd()
+    stepped = optim.LinearWarmup(opt, 4, after=optim.CosineAnnealingLR(opt, T_max=10))
+    for _ in range(9):
+        stepped.step()
+    opt = sgd()
+    sought = optim.LinearWarmup(opt, 4, after=optim.CosineAnnealingLR(opt, T_max=10))
+    sought.seek(9)
+    assert sought.get_last_lr() == stepped.get_last_lr()
+    assert opt.param_groups[0]["lr"] == sought.get_last_lr()[0] < 1.0
+
+
 def test_schedule_state_dict_round_trip_resumes_the_schedule():
     a = optim.LinearWarmup(sgd(), warmup_steps=3, start_factor=0.1)
     for _ in range(2):

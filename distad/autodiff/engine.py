@@ -275,6 +275,11 @@ class Tensor:
         self._hooks.append(hook)
         return lambda: self._hooks.remove(hook)
 
+    @property
+    def hook_count(self) -> int:
+        """How many hooks `register_hook` has registered on this tensor (and not removed)."""
+        return len(self._hooks) if self._hooks else 0
+
     def backward(self, grad: Any = None, *, retain_graph: bool = False,
                  create_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's `.grad` that requires it.

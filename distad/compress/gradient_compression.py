@@ -140,6 +140,40 @@ class GradientCompression:
             state["rng.shared"] = rng_state_array(self._shared_rng)
         return state
 
+    def regroup_state_dicts(
+        self, states: Sequence[dict[str, np.ndarray]], rank: int
+    ) -> dict[str, np.ndarray]:
+        """Rank ``rank``'s run state when a run of ``len(states)`` ranks (``states[r]``: rank
+        r's ``state_dict()``) resumes on another number of ranks.
+
+        The memory (error-feedback residuals, DGC's momenta) is what the ranks still owe the
+        average: every new rank takes the old ranks' mean, so the mean over ranks, which is
+        what the next averaged update adds, stays what it was. PowerSGD's Q and the shared
+        generator are the same on every rank: rank 0's. The per-rank generator is old rank
+        ``rank``'s, or for a rank the old run did not have, the stream a fresh run gives it
+        (never drawn from before).
+        """
+        if not states:
+            raise ValueError("GradientCompression.regroup_state_dicts: no states to regroup")
+        keys = set(states[0])
+        for r, st in enumerate(states):
+            if set(st) != keys:
+                raise ValueError(f"GradientCompression.regroup_state_dicts: rank {r}'s state has "
+                                 f"keys {sorted(st)}, rank 0's {sorted(keys)}")
+        out: dict[str, np.ndarray] = {}
+        for k in sorted(keys):
+            if k.startswith("memory."):
+                total = np.zeros(np.shape(states[0][k]), np.float64)
+                for st in states:
+                    total += st[k]
+                out[k] = (total / len(states)).astype(np.float32)
+            elif k == "rng.rank":
+                out[k] = (states[rank][k] if rank < len(states) else
+                          rng_state_array(np.random.default_rng([self.seed, 0, rank])))
+            else:  # powersgd.q.*, rng.shared
+                out[k] = states[0][k]
+        return out
+
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Restore the run state saved by ``state_dict`` (on the same rank)."""
         memory = {k[len("memory.") :]: v for k, v in state.items() if k.startswith("memory.")}

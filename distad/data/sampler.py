@@ -55,6 +55,7 @@ def shard_indices(
     seed: int = 0,
     epoch: int = 0,
     drop_last: bool = False,
+    start: int = 0,
 ) -> np.ndarray:
     """Return the indices into a data set of size ``n`` that ``rank`` owns this epoch.
 
@@ -65,6 +66,12 @@ def shard_indices(
     the order are skipped this epoch), and rank ``r`` takes every ``p``-th entry
     starting at ``r``. Result: int64, shape ``(ceil(n/p),)`` or ``(n // p,)``, the same
     size on every rank. This is the pure function behind :class:`DistributedSampler`.
+
+    ``start``: the first ``start`` entries of the epoch's order were already used (by a run
+    on another number of ranks that this one resumes): the rest of the order, ``n - start``
+    entries, is shared out as above instead. Step k of a run with ``p`` ranks and ``b``
+    samples per rank uses entries ``[k p b, (k + 1) p b)`` of the order, so a run stopped
+    after k steps continues on any number of ranks from ``start = k p b``.
     """
     n = check_int("n", n, minimum=1)
     num_replicas = check_int("num_replicas", num_replicas, minimum=1)
@@ -76,7 +83,14 @@ def shard_indices(
             f"drop_last=True with n={n} < num_replicas={num_replicas} would leave every "
             "rank with no samples; use drop_last=False (pad by wrapping) or fewer ranks"
         )
+    start = check_int("start", start, minimum=0)
+    if start >= n:
+        raise ValueError(f"start {start} leaves nothing of an epoch of n={n} samples")
     order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n, dtype=np.int64)
+    order, n = order[start:], n - start
+    if start and drop_last and n < num_replicas:
+        raise ValueError(f"drop_last=True with {n} samples left after start={start} < "
+                         f"num_replicas={num_replicas} would leave every rank with none")
     if drop_last:
         total = (n // num_replicas) * num_replicas
         order = order[:total]
@@ -123,13 +137,19 @@ class DistributedSampler:
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.epoch = 0
+        self.start = 0
         # Validates the combination (rank range, drop_last with n < num_replicas).
         self.num_samples = len(self.indices())
         self.total_size = self.num_samples * self.num_replicas
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order :meth:`indices` and iteration will use."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Select the epoch whose order :meth:`indices` and iteration will use, and how many
+        entries of its order to skip (``start``, see :func:`shard_indices`: resuming a run
+        of another rank count mid-epoch); ``len(self)`` follows."""
         self.epoch = check_int("epoch", epoch, minimum=0)
+        self.start = check_int("start", start, minimum=0)
+        self.num_samples = len(self.indices())
+        self.total_size = self.num_samples * self.num_replicas
 
     def indices(self) -> np.ndarray:
         """Return this rank's shard for the current epoch: int64, shape ``(len(self),)``."""
@@ -141,6 +161,7 @@ class DistributedSampler:
             seed=self.seed,
             epoch=self.epoch,
             drop_last=self.drop_last,
+            start=self.start,
         )
 
     def __iter__(self) -> Iterator[int]:
@@ -153,5 +174,5 @@ class DistributedSampler:
         return (
             f"DistributedSampler(n={self.n}, num_replicas={self.num_replicas}, "
             f"rank={self.rank}, shuffle={self.shuffle}, seed={self.seed}, "
-            f"drop_last={self.drop_last}, epoch={self.epoch})"
+            f"drop_last={self.drop_last}, epoch={self.epoch}, start={self.start})"
         )

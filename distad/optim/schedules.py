@@ -45,6 +45,14 @@ class LRScheduler:
         for g, lr in zip(self.optimizer.param_groups, self._last_lr):
             g["lr"] = lr
 
+    def seek(self, epoch: int) -> None:
+        """Set the learning rates of `epoch` directly, as `epoch` calls of `step()` after
+        construction would (a run resumed at another step count than it saved)."""
+        if epoch < 0:
+            raise ValueError(f"{type(self).__name__}.seek: epoch must be >= 0, got {epoch}")
+        self.last_epoch = epoch - 1
+        self.step()
+
     def get_last_lr(self) -> list[float]:
         """The learning rates set by the last `step()` (one per parameter group)."""
         return list(self._last_lr)

@@ -300,7 +300,7 @@ class DataParallel(Module):
 
         def offer() -> tuple[np.ndarray, Any] | None:
             if (not self._sync_enabled or param.grad is not None or bucket.ready[k]
-                    or len(param._hooks) != 1):
+                    or param.hook_count != 1):
                 return None
             return bucket.slot(k), self.sync.prescale
 

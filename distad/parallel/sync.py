@@ -42,6 +42,10 @@ class GradientSync(Protocol):
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None: ...
 
+    def regroup(self, states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """This rank's state from the `state_dict()`s of a run on another number of ranks."""
+        ...
+
 
 class AllreduceMean:
     """Exact averaging: an in-place Allreduce (built-in SUM) of the buffer, then / size."""
@@ -67,6 +71,9 @@ class AllreduceMean:
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
+
+    def regroup(self, states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {}
 
 
 class ReduceScatterMean(AllreduceMean):
@@ -127,6 +134,9 @@ class CompressedSync:
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.compression.load_state_dict(state)
+
+    def regroup(self, states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return self.compression.regroup_state_dicts(states, self.comm.rank)
 
 
 def make_sync(compressor: Any, comm: Communicator) -> GradientSync:

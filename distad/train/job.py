@@ -31,6 +31,7 @@ from .loop import (
     FaultInjection,
     SynchronisedGC,
     checkpoint_due,
+    elastic_position,
     largest_optimizer_state,
     progress_bar,
     resumable_batches,
@@ -212,9 +213,9 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
         total_steps = min(total_steps, cfg.max_steps)
     opt = make_optimizer(cfg, list(model.parameters()), comm, dp)
     sched = make_schedule(cfg, opt, total_steps)
-    step = 0
+    step = start = 0
     if cfg.resume:
-        step = restore(cfg, comm, model, opt, sched, dp)
+        step, start = restore(cfg, comm, model, opt, sched, dp, loader)
     metrics = Metrics(cfg.out, comm.rank, cfg.resume)
     bar = progress_bar(cfg, comm.rank, total_steps, step,
                        f"train ({comm.size} rank{'s' if comm.size > 1 else ''})")
@@ -231,7 +232,8 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     fidelity: list[tuple[float, float]] = []  # (grad_error, grad_cosine) of measured steps
     with SynchronisedGC(cfg.gc_every) as collector:
         try:
-            for epoch, xb, yb in resumable_batches(loader, step, steps_per_epoch, total_steps):
+            for epoch, xb, yb in resumable_batches(loader, step, steps_per_epoch, total_steps,
+                                                   start):
                 t0 = time.perf_counter()
 
                 def closure(xb=xb, yb=yb):
@@ -346,20 +348,42 @@ def save(cfg: TrainConfig, comm: Communicator, step: int, model, opt, sched, dp)
     comm.barrier()
 
 
-def restore(cfg: TrainConfig, comm: Communicator, model, opt, sched, dp) -> int:
-    """Load the newest complete checkpoint; return its step (0 if there is none yet)."""
+def restore(cfg: TrainConfig, comm: Communicator, model, opt, sched, dp, loader
+            ) -> tuple[int, int]:
+    """Load the newest complete checkpoint; return where to go on: (step, start) as
+    `resumable_batches` takes them ((0, 0) if there is no checkpoint yet).
+
+    A checkpoint written on another number of ranks resumes too (elastic), unless its
+    optimizer state is sharded (--zero): the model and optimizer are every rank's, the
+    compression memory is regrouped (`GradientSync.regroup`) and the data continues at the
+    sample where the old run stopped (`elastic_position`)."""
     d = ckpt.latest_step_dir(cfg.checkpoint_dir)
     if d is None:
-        return 0
+        return 0, 0
     shared = ckpt.load_state(ckpt.rank_file(d, 0))
-    mine = shared if comm.rank == 0 else ckpt.load_state(ckpt.rank_file(d, comm.rank))
-    ckpt.check_identity(d, shared["identity"], _identity(cfg, comm))
+    saved, now = shared["identity"], _identity(cfg, comm)
+    ranks = int(saved.get("ranks", comm.size))
+    if ranks != comm.size and cfg.zero:
+        raise ckpt.CheckpointError(
+            f"checkpoint {d}: written by {ranks} ranks with --zero (each rank's file holds its "
+            f"shard of the optimizer state); resume it on {ranks} ranks, not {comm.size}")
+    ckpt.check_identity(d, {**saved, "ranks": comm.size}, now)
+    mine = shared if comm.rank == 0 or ranks != comm.size else \
+        ckpt.load_state(ckpt.rank_file(d, comm.rank))
     model.load_state_dict(shared["model"])
     opt.load_state_dict((mine if cfg.zero else shared)["optimizer"])
-    if sched is not None:
-        sched.load_state_dict(shared["scheduler"])
-    dp.load_sync_state_dict(mine["sync"])
-    return int(shared["step"])
+    step, start = elastic_position(loader, int(shared["step"]), ranks)
+    if ranks == comm.size:
+        dp.load_sync_state_dict(mine["sync"])
+        if sched is not None:
+            sched.load_state_dict(shared["scheduler"])
+        return step, start
+    states = [shared["sync"]] + [ckpt.load_state(ckpt.rank_file(d, r))["sync"]
+                                 for r in range(1, ranks)]
+    dp.load_sync_state_dict(dp.sync.regroup(states))
+    if sched is not None:  # this run's schedule (over its total steps), at its step
+        sched.seek(step)
+    return step, start
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,19 +17,25 @@ from typing import Any
 
 import numpy as np
 
+from ..data import DataLoader, DistributedSampler
 from .config import TrainConfig
 
 
-def resumable_batches(loader: Any, step: int, steps_per_epoch: int, total_steps: int
-                      ) -> Iterator[tuple[int, Any, Any]]:
+def resumable_batches(loader: Any, step: int, steps_per_epoch: int, total_steps: int,
+                      start: int = 0) -> Iterator[tuple[int, Any, Any]]:
     """(epoch, xb, yb) for the steps after `step`, up to `total_steps`.
 
     Each epoch's order is the sampler's for that epoch, so a run resumed at
     step k skips exactly the k mod steps_per_epoch batches it had already done.
+    `start` (from `elastic_position`): the entries of the first epoch's order that a run on
+    another number of ranks used; that epoch then gives only the batches of the rest.
     """
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         loader.set_epoch(epoch)
+        if start:
+            loader.sampler.set_epoch(epoch, start)
+            skip = start = 0
         for i, (xb, yb) in enumerate(loader):
             if i < skip:
                 continue
@@ -37,6 +43,33 @@ def resumable_batches(loader: Any, step: int, steps_per_epoch: int, total_steps:
             step += 1
             if step >= total_steps:
                 return
+
+
+def elastic_position(loader: Any, step: int, ranks: int) -> tuple[int, int]:
+    """Where a run that stopped after `step` steps on `ranks` ranks continues on the ranks of
+    `loader` (a DataLoader over a DistributedSampler): (step, start).
+
+    Step k on p ranks of b samples used entries [k p b, (k + 1) p b) of its epoch's order
+    (`distad.data.shard_indices`); the new run skips the `start` entries the old one used of
+    the epoch it stopped in and counts its steps as if it had always run on its ranks, so
+    that epochs still end at multiples of its steps per epoch and a schedule over its total
+    steps stands at the same fraction of the epoch. Returns (step, 0) at an epoch boundary.
+    """
+    sampler = loader.sampler
+    if ranks == sampler.num_replicas:
+        return step, 0
+    old = DistributedSampler(sampler.n, ranks, 0, shuffle=sampler.shuffle, seed=sampler.seed,
+                             drop_last=sampler.drop_last)
+    epoch, done = divmod(step, len(DataLoader(loader.dataset, loader.batch_size, sampler=old,
+                                                   drop_last=loader.drop_last)))
+    per_epoch = len(loader)
+    start = done * loader.batch_size * ranks
+    if start == 0:
+        return epoch * per_epoch, 0
+    sampler.set_epoch(epoch, start)
+    left = len(loader)
+    sampler.set_epoch(epoch)
+    return epoch * per_epoch + per_epoch - left, start
 
 
 class SynchronisedGC:
