@@ -34,6 +34,20 @@ from .data_parallel import DataParallel
 __all__ = ["ZeroRedundancyOptimizer"]
 
 
+def shard_bounds(total: int, ranks: int) -> list[int]:
+    """Rank r of `ranks` owns elements [bounds[r], bounds[r + 1]) of `total` flattened ones."""
+    return [r * total // ranks for r in range(ranks + 1)]
+
+
+def piece_ranges(sizes: list[int], ranks: int, rank: int) -> list[tuple[int, int]]:
+    """For each parameter (their sizes, in order, flattened one after the other), the elements
+    [a, b) of it that `rank` of `ranks` owns; a >= b where it owns none."""
+    starts = np.cumsum([0, *sizes]).tolist()
+    bounds = shard_bounds(int(starts[-1]), ranks)
+    lo, hi = bounds[rank], bounds[rank + 1]
+    return [(max(lo, s) - s, min(hi, s + n) - s) for s, n in zip(starts, sizes)]
+
+
 class ZeroRedundancyOptimizer(Optimizer):
     """`optimizer_class(**defaults)` on this rank's shard of `params`; the others' shards on
     the other ranks of `comm` (PyTorch's ZeroRedundancyOptimizer, DeepSpeed's ZeRO).
@@ -86,9 +100,7 @@ class ZeroRedundancyOptimizer(Optimizer):
         self._data = np.empty(total, flat[0].dtype)
         for p, s in zip(flat, starts):
             self._home(p, int(s))
-        # Rank r owns elements [bounds[r], bounds[r + 1]) of the flattened parameters.
-        self.bounds = [r * total // size for r in range(size + 1)]
-        lo, hi = self.bounds[rank], self.bounds[rank + 1]
+        self.bounds = shard_bounds(total, size)
         self._flat = flat
         self._starts = [int(x) for x in starts[:-1]]  # where each parameter starts, flattened
         # This rank's piece of each parameter it has elements of: (param, start, stop, piece),
@@ -96,12 +108,11 @@ class ZeroRedundancyOptimizer(Optimizer):
         self._pieces: list[tuple[Tensor, int, int, Tensor]] = []
         self._clipped = False
         local_groups, self._group_index = [], []
-        offset = iter(starts)
+        ranges = iter(zip(piece_ranges([p.size for p in flat], size, rank), self._starts))
         for i, g in enumerate(self.param_groups):
             mine = []
             for p in g["params"]:
-                s = int(next(offset))
-                a, b = max(lo, s) - s, min(hi, s + p.size) - s
+                (a, b), s = next(ranges)
                 if a < b:  # a view of the flat buffer, which the parameter's data also is
                     piece = Tensor(self._data[s + a:s + b], requires_grad=True)
                     self._pieces.append((p, a, b, piece))
@@ -284,6 +295,35 @@ class ZeroRedundancyOptimizer(Optimizer):
                 p, start = self._flat[i], self._starts[i]
                 entries[k] = full[start:start + p.size].reshape(p.shape).copy()
         return {"state": whole, "param_groups": self._indexed_groups()}
+
+    def load_shards(self, shards: list[dict[str, Any]]) -> None:
+        """Load the state of a ZeroRedundancyOptimizer over the same parameters on any number
+        of ranks from every one of its ranks' `state_dict()` (`shards[r]`: rank r's): each
+        parameter's state is put back together from its pieces and this rank keeps its
+        slices (a checkpoint resumed on another number of ranks). Not collective."""
+        ranks, sizes = len(shards), [p.size for p in self._flat]
+        whole: dict[int, dict[str, Any]] = {}
+        for r, shard in enumerate(shards):
+            if (int(shard["rank"]), int(shard["ranks"])) != (r, ranks):
+                raise ValueError(f"ZeroRedundancyOptimizer.load_shards: shards[{r}] is rank "
+                                 f"{shard['rank']} of {shard['ranks']}'s, not rank {r} of {ranks}")
+            owned = [(i, a, b) for i, (a, b) in enumerate(piece_ranges(sizes, ranks, r))
+                     if a < b]
+            for j, entries in shard["local"].get("state", {}).items():
+                i, a, b = owned[int(j)]
+                state = whole.setdefault(i, {})
+                for k, v in entries.items():
+                    if np.ndim(v) == 0:
+                        state[k] = v
+                    else:
+                        full = state.setdefault(k, np.zeros(sizes[i], np.asarray(v).dtype))
+                        full[a:b] = np.reshape(v, -1)
+        for i, state in whole.items():
+            shape = self._flat[i].shape
+            whole[i] = {k: v.reshape(shape) if np.ndim(v) else v for k, v in state.items()}
+        groups = [{**g, **{k: v for k, v in saved.items() if k != "params"}}
+                  for g, saved in zip(self._indexed_groups(), shards[0]["param_groups"])]
+        self._load_whole({"state": whole, "param_groups": groups})
 
     def _load_whole(self, state_dict: dict[str, Any]) -> None:
         """This rank's slices of a whole optimizer's state (see load_state_dict)."""

@@ -353,34 +353,32 @@ def restore(cfg: TrainConfig, comm: Communicator, model, opt, sched, dp, loader
     """Load the newest complete checkpoint; return where to go on: (step, start) as
     `resumable_batches` takes them ((0, 0) if there is no checkpoint yet).
 
-    A checkpoint written on another number of ranks resumes too (elastic), unless its
-    optimizer state is sharded (--zero): the model and optimizer are every rank's, the
-    compression memory is regrouped (`GradientSync.regroup`) and the data continues at the
-    sample where the old run stopped (`elastic_position`)."""
+    A checkpoint written on another number of ranks resumes too (elastic): every rank reads
+    every rank's file; the compression memory is regrouped (`GradientSync.regroup`), a
+    sharded optimizer state (--zero) put back together and re-sliced, and the data continues
+    at the sample where the old run stopped (`elastic_position`)."""
     d = ckpt.latest_step_dir(cfg.checkpoint_dir)
     if d is None:
         return 0, 0
     shared = ckpt.load_state(ckpt.rank_file(d, 0))
-    saved, now = shared["identity"], _identity(cfg, comm)
-    ranks = int(saved.get("ranks", comm.size))
-    if ranks != comm.size and cfg.zero:
-        raise ckpt.CheckpointError(
-            f"checkpoint {d}: written by {ranks} ranks with --zero (each rank's file holds its "
-            f"shard of the optimizer state); resume it on {ranks} ranks, not {comm.size}")
-    ckpt.check_identity(d, {**saved, "ranks": comm.size}, now)
-    mine = shared if comm.rank == 0 or ranks != comm.size else \
-        ckpt.load_state(ckpt.rank_file(d, comm.rank))
+    saved = shared["identity"]
+    ranks = int(saved["ranks"])
+    ckpt.check_identity(d, {**saved, "ranks": comm.size}, _identity(cfg, comm))
     model.load_state_dict(shared["model"])
-    opt.load_state_dict((mine if cfg.zero else shared)["optimizer"])
     step, start = elastic_position(loader, int(shared["step"]), ranks)
     if ranks == comm.size:
+        mine = shared if comm.rank == 0 else ckpt.load_state(ckpt.rank_file(d, comm.rank))
+        opt.load_state_dict((mine if cfg.zero else shared)["optimizer"])
         dp.load_sync_state_dict(mine["sync"])
         if sched is not None:
             sched.load_state_dict(shared["scheduler"])
         return step, start
-    states = [shared["sync"]] + [ckpt.load_state(ckpt.rank_file(d, r))["sync"]
-                                 for r in range(1, ranks)]
-    dp.load_sync_state_dict(dp.sync.regroup(states))
+    files = [shared] + [ckpt.load_state(ckpt.rank_file(d, r)) for r in range(1, ranks)]
+    if cfg.zero:
+        opt.load_shards([f["optimizer"] for f in files])
+    else:
+        opt.load_state_dict(shared["optimizer"])
+    dp.load_sync_state_dict(dp.sync.regroup([f["sync"] for f in files]))
     if sched is not None:  # this run's schedule (over its total steps), at its step
         sched.seek(step)
     return step, start
