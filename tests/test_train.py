@@ -400,6 +400,11 @@ def test_a_run_resumed_on_another_number_of_ranks_goes_on_from_the_sample_it_sto
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     got = load_state(tmp_path / "b" / "model.npz")["model"]
+    records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().split("\n")
+               if x]
+    assert records[0] == {"step": records[0]["step"], "ranks": after, "resumed_from_step": 28,
+                          "resumed_from_ranks": before}
+    assert records[1]["step"] > records[0]["step"]
     if spec != "none":  # compressed: no closed form; it trains on, memory regrouped
         assert summary["ranks"] == after and summary["test_acc"] > 0.8
         return

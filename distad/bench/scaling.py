@@ -264,12 +264,15 @@ class Point:
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(step records, test records) of a run's metrics.jsonl."""
+    """(step records, test records) of a run's metrics.jsonl (a resume's record is neither)."""
     steps, tests = [], []
     with open(run_dir / "metrics.jsonl") as f:
         for line in f:
             rec = json.loads(line)
-            (tests if "test_acc" in rec else steps).append(rec)
+            if "test_acc" in rec:
+                tests.append(rec)
+            elif "step_s" in rec:
+                steps.append(rec)
     return steps, tests
 
 

@@ -214,9 +214,12 @@ def run(cfg: TrainConfig, comm: Communicator | None = None) -> dict[str, Any]:
     opt = make_optimizer(cfg, list(model.parameters()), comm, dp)
     sched = make_schedule(cfg, opt, total_steps)
     step = start = 0
+    resumed = None
     if cfg.resume:
-        step, start = restore(cfg, comm, model, opt, sched, dp, loader)
+        step, start, resumed = restore(cfg, comm, model, opt, sched, dp, loader)
     metrics = Metrics(cfg.out, comm.rank, cfg.resume)
+    if resumed:
+        metrics.write(resumed)
     bar = progress_bar(cfg, comm.rank, total_steps, step,
                        f"train ({comm.size} rank{'s' if comm.size > 1 else ''})")
     cross_entropy = ad.nn.functional.cross_entropy
@@ -349,9 +352,10 @@ def save(cfg: TrainConfig, comm: Communicator, step: int, model, opt, sched, dp)
 
 
 def restore(cfg: TrainConfig, comm: Communicator, model, opt, sched, dp, loader
-            ) -> tuple[int, int]:
-    """Load the newest complete checkpoint; return where to go on: (step, start) as
-    `resumable_batches` takes them ((0, 0) if there is no checkpoint yet).
+            ) -> tuple[int, int, dict[str, int] | None]:
+    """Load the newest complete checkpoint; return where to go on, (step, start) as
+    `resumable_batches` takes them, and a record of the resume for the metrics ((0, 0, None)
+    if there is no checkpoint yet).
 
     A checkpoint written on another number of ranks resumes too (elastic): every rank reads
     every rank's file; the compression memory is regrouped (`GradientSync.regroup`), a
@@ -359,20 +363,22 @@ def restore(cfg: TrainConfig, comm: Communicator, model, opt, sched, dp, loader
     at the sample where the old run stopped (`elastic_position`)."""
     d = ckpt.latest_step_dir(cfg.checkpoint_dir)
     if d is None:
-        return 0, 0
+        return 0, 0, None
     shared = ckpt.load_state(ckpt.rank_file(d, 0))
     saved = shared["identity"]
     ranks = int(saved["ranks"])
     ckpt.check_identity(d, {**saved, "ranks": comm.size}, _identity(cfg, comm))
     model.load_state_dict(shared["model"])
     step, start = elastic_position(loader, int(shared["step"]), ranks)
+    record = {"step": step, "ranks": comm.size, "resumed_from_step": int(shared["step"]),
+              "resumed_from_ranks": ranks}
     if ranks == comm.size:
         mine = shared if comm.rank == 0 else ckpt.load_state(ckpt.rank_file(d, comm.rank))
         opt.load_state_dict((mine if cfg.zero else shared)["optimizer"])
         dp.load_sync_state_dict(mine["sync"])
         if sched is not None:
             sched.load_state_dict(shared["scheduler"])
-        return step, start
+        return step, start, record
     files = [shared] + [ckpt.load_state(ckpt.rank_file(d, r)) for r in range(1, ranks)]
     if cfg.zero:
         opt.load_shards([f["optimizer"] for f in files])
@@ -381,7 +387,7 @@ def restore(cfg: TrainConfig, comm: Communicator, model, opt, sched, dp, loader
     dp.load_sync_state_dict(dp.sync.regroup([f["sync"] for f in files]))
     if sched is not None:  # this run's schedule (over its total steps), at its step
         sched.seek(step)
-    return step, start
+    return step, start, record
 
 
 def main(argv: list[str] | None = None) -> int:
