@@ -88,7 +88,8 @@ HELP = {
     "--parallel dp)",
     "pipeline_schedule": "gpipe or 1f1b (with pp in --parallel)",
     "checkpoint_dir": "write checkpoints here", "checkpoint_every": "steps between checkpoints "
-    "(0: every epoch)", "resume": "continue from the newest checkpoint in --checkpoint-dir",
+    "(0: every epoch)", "resume": "continue from the newest checkpoint in --checkpoint-dir "
+    "(data-parallel: also on another number of ranks, from the sample it stopped at)",
     "out": "write metrics.jsonl, summary.json and model.npz here (rank 0)",
     "gc_every": "run Python's cyclic GC on every rank at once every N steps (0: never)",
     "max_steps": "stop after this many steps in total (0: all epochs)",
