@@ -317,6 +317,19 @@ def test_a_synchronisation_of_busy_ranks_is_a_floor_on_the_wait(cpu_bound):
     assert synced.step == pytest.approx(plain.step) and synced.wait == pytest.approx(plain.wait)
 
 
+def test_on_shared_memory_with_more_ranks_than_cores_the_meeting_precedes_the_copying():
+    """Oversubscribed shared memory: the ranks reach a collective sync_s apart and its copying
+    starts once all are there, so a long collective adds to the meeting instead of hiding it;
+    with a core per rank, or over a link, it hides it as before."""
+    shm = CollectiveModel(alpha=1e-5, beta=1 / 1e8, cpu_bound=True)  # ~0.3 s of copying
+    m = step()
+    alone = m.predict(shm, 4, cores_per_rank=0.5)
+    queued = m.predict(shm, 4, cores_per_rank=0.5, sync_s=0.02)
+    assert queued.wait == pytest.approx(alone.wait + 0.02)
+    own_core = m.predict(shm, 4, cores_per_rank=1.0, sync_s=0.02)
+    assert own_core.wait == pytest.approx(m.predict(shm, 4, cores_per_rank=1.0).wait)
+
+
 def test_busy_threads_run_while_the_block_runs_and_stop_after():
     import threading
 

@@ -458,7 +458,10 @@ class StepModel:
         --busy-threads 1` measures it: the ranks wait for each other to be scheduled; 0 with
         a core per thread). It is a floor, not a surcharge: a rank waits at least ``sync_s``
         after its own compute once per step, and a collective that outlasts that already
-        contains the meeting (the ranks' copying or the link kept them waiting anyway).
+        contains the meeting (the link kept them waiting anyway), except on a ``cpu_bound``
+        network with more ranks than cores, where the collective's copying, every rank's CPU
+        work, starts only once the last rank is scheduled there: the meeting, then the
+        collective.
         """
         b = batch if batch is not None else self.batch
         slow = 1.0 / min(1.0, cores_per_rank)
@@ -492,9 +495,13 @@ class StepModel:
             return StepPrediction(compute, total_compress, 0.0, total_compress,
                                   compute + total_compress, 0.0)
         if net.cpu_bound or not overlap:
-            # Everything on the rank's core, one after the other.
+            # Everything on the rank's core, one after the other. A collective that outlasts
+            # the meeting contains it, unless the ranks outnumber the cores on shared memory:
+            # then they reach it as the scheduler lets them (sync_s apart), and its copying,
+            # CPU work of every rank, starts only once they are all there.
             compute = fwd + bwd + total_compress + update
-            wait = max(total_comm, sync_s) + gather  # a long collective contains the meeting
+            queued = net.cpu_bound and slow > 1
+            wait = (total_comm + sync_s if queued else max(total_comm, sync_s)) + gather
             return StepPrediction(compute, total_compress, total_comm + gather, wait,
                                   compute + wait, bytes_rank)
         # Event schedule: the core runs forward, backward and the compression of each bucket
