@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from distad.bench import scaling
@@ -55,7 +56,7 @@ def test_launch_scripts_are_shellcheck_clean():
 
 def test_help_describes_the_options(launch_env):
     res = distad_run("--help", env=launch_env, check=True)
-    for flag in ("--np", "--hostfile", "--bind", "--env", "--launcher", "--dry-run"):
+    for flag in ("--np", "--hostfile", "--bind", "--env", "--launcher", "--dry-run", "--restarts"):
         assert flag in res.stdout
 
 
@@ -152,6 +153,33 @@ def test_a_real_two_rank_job_sees_the_environment(launch_env, mpiexec):
                      sys.executable, "-c", code, env=launch_env, check=True)
     assert sorted(re.findall(r"<([^>]*)>", res.stdout)) == ["0 2 yes 1", "1 2 yes 1"]
     assert "distad-run: launcher mpiexec, MPICH" in res.stderr
+
+
+def test_restarts_go_on_from_the_newest_checkpoint_to_the_uninterrupted_result(
+        launch_env, mpiexec, tmp_path):
+    """A job killed right after its checkpoint of step 28 is started again with --resume and
+    ends where the uninterrupted run does, bit for bit."""
+    train = [sys.executable, "-m", "distad", "train", "--no-progress", "--epochs", "2",
+             "--batch-size", "16", "--hidden", "32", "--checkpoint-every", "7"]
+    full = distad_run("--mpiexec", str(mpiexec), "-n", "2", *train, "--out",
+                      str(tmp_path / "full"), env=launch_env)
+    assert full.returncode == 0, full.stderr
+    res = distad_run("--mpiexec", str(mpiexec), "-n", "2", "--restarts", "2", *train,
+                     "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "b"),
+                     env=dict(launch_env, DISTAD_KILL_AT_STEP="28"))
+    assert res.returncode == 0, res.stderr
+    assert "restart 1 of 2 with --resume" in res.stderr and "restart 2" not in res.stderr
+    from distad.train import load_state
+
+    a = load_state(tmp_path / "full" / "model.npz")["model"]
+    b = load_state(tmp_path / "b" / "model.npz")["model"]
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_restarts_need_a_command_that_checkpoints(launch_env):
+    res = distad_run("--restarts", "1", "distad", "train", env=launch_env)
+    assert res.returncode == 2 and "--restarts needs a command that checkpoints" in res.stderr
 
 
 def test_example_hostfile_and_slurm_template_use_the_wrapper():
