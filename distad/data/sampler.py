@@ -73,6 +73,22 @@ def shard_indices(
     samples per rank uses entries ``[k p b, (k + 1) p b)`` of the order, so a run stopped
     after k steps continues on any number of ranks from ``start = k p b``.
     """
+    n, num_replicas, rank, start = _check_shard(n, num_replicas, rank, drop_last, start)
+    order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n, dtype=np.int64)
+    order, n = order[start:], n - start
+    if drop_last:
+        total = (n // num_replicas) * num_replicas
+        order = order[:total]
+    else:
+        total = -(-n // num_replicas) * num_replicas
+        order = np.resize(order, total)  # repeats cyclically: pads by wrapping around
+    return order[rank::num_replicas]
+
+
+def _check_shard(n: int, num_replicas: int, rank: int, drop_last: bool, start: int
+                 ) -> tuple[int, int, int, int]:
+    """`shard_indices`'s arguments checked (naming the bad one) and made ints:
+    (n, num_replicas, rank, start)."""
     n = check_int("n", n, minimum=1)
     num_replicas = check_int("num_replicas", num_replicas, minimum=1)
     rank = check_int("rank", rank, minimum=0)
@@ -86,18 +102,10 @@ def shard_indices(
     start = check_int("start", start, minimum=0)
     if start >= n:
         raise ValueError(f"start {start} leaves nothing of an epoch of n={n} samples")
-    order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n, dtype=np.int64)
-    order, n = order[start:], n - start
-    if start and drop_last and n < num_replicas:
-        raise ValueError(f"drop_last=True with {n} samples left after start={start} < "
+    if start and drop_last and n - start < num_replicas:
+        raise ValueError(f"drop_last=True with {n - start} samples left after start={start} < "
                          f"num_replicas={num_replicas} would leave every rank with none")
-    if drop_last:
-        total = (n // num_replicas) * num_replicas
-        order = order[:total]
-    else:
-        total = -(-n // num_replicas) * num_replicas
-        order = np.resize(order, total)  # repeats cyclically: pads by wrapping around
-    return order[rank::num_replicas]
+    return n, num_replicas, rank, start
 
 
 class DistributedSampler:
@@ -136,20 +144,28 @@ class DistributedSampler:
         self.seed = check_int("seed", seed, minimum=0)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
-        self.epoch = 0
-        self.start = 0
+        self.epoch = self.start = 0
         # Validates the combination (rank range, drop_last with n < num_replicas).
-        self.num_samples = len(self.indices())
-        self.total_size = self.num_samples * self.num_replicas
+        _check_shard(self.n, self.num_replicas, self.rank, self.drop_last, self.start)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch whose order :meth:`indices` and iteration will use, and how many
         entries of its order to skip (``start``, see :func:`shard_indices`: resuming a run
         of another rank count mid-epoch); ``len(self)`` follows."""
-        self.epoch = check_int("epoch", epoch, minimum=0)
-        self.start = check_int("start", start, minimum=0)
-        self.num_samples = len(self.indices())
-        self.total_size = self.num_samples * self.num_replicas
+        epoch = check_int("epoch", epoch, minimum=0)
+        *_, start = _check_shard(self.n, self.num_replicas, self.rank, self.drop_last, start)
+        self.epoch, self.start = epoch, start
+
+    @property
+    def num_samples(self) -> int:
+        """This rank's shard size this epoch (``len(self)``), without building the order."""
+        left, p = self.n - self.start, self.num_replicas
+        return left // p if self.drop_last else -(-left // p)
+
+    @property
+    def total_size(self) -> int:
+        """Entries of the epoch's order that the ranks take together (padded or cut)."""
+        return self.num_samples * self.num_replicas
 
     def indices(self) -> np.ndarray:
         """Return this rank's shard for the current epoch: int64, shape ``(len(self),)``."""

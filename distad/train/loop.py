@@ -58,18 +58,19 @@ def elastic_position(loader: Any, step: int, ranks: int) -> tuple[int, int]:
     sampler = loader.sampler
     if ranks == sampler.num_replicas:
         return step, 0
-    old = DistributedSampler(sampler.n, ranks, 0, shuffle=sampler.shuffle, seed=sampler.seed,
-                             drop_last=sampler.drop_last)
-    epoch, done = divmod(step, len(DataLoader(loader.dataset, loader.batch_size, sampler=old,
-                                                   drop_last=loader.drop_last)))
-    per_epoch = len(loader)
+
+    def batches(p: int, start: int = 0) -> int:
+        """Batches per rank in a pass over the order from `start` on p ranks."""
+        shard = DistributedSampler(sampler.n, p, 0, drop_last=sampler.drop_last)
+        shard.set_epoch(0, start)
+        return len(DataLoader(loader.dataset, loader.batch_size, sampler=shard,
+                              drop_last=loader.drop_last))
+
+    epoch, done = divmod(step, batches(ranks))
     start = done * loader.batch_size * ranks
     if start == 0:
-        return epoch * per_epoch, 0
-    sampler.set_epoch(epoch, start)
-    left = len(loader)
-    sampler.set_epoch(epoch)
-    return epoch * per_epoch + per_epoch - left, start
+        return epoch * len(loader), 0
+    return (epoch + 1) * len(loader) - batches(sampler.num_replicas, start), start
 
 
 class SynchronisedGC:
